@@ -1,0 +1,501 @@
+"""YAML config -> typed, validated config.
+
+The schema is a tree of dataclasses. Each field's constraints (choices, range,
+pattern) live in its metadata, so one generic validator walks the tree and every
+error names the dotted key path, the bad value and what was expected.
+
+Nothing here touches the file system beyond reading the YAML file: validation
+runs before anything is submitted or written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+from .errors import ConfigError  # noqa: E402  (re-exported: hpctrain.config.ConfigError)
+
+
+# --------------------------------------------------------------------------- schema
+
+TASKS = ("binary", "multiclass", "regression")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "tanh", "sigmoid", "linear")
+INITS = ("auto", "he", "glorot", "lecun", "lsuv")
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "rmsprop", "adagrad")
+SCHEDULES = ("none", "step", "power", "exponential", "cosine", "onecycle", "plateau")
+LOSSES = ("auto", "mse", "mae", "huber", "bce", "ce")
+BACKENDS = ("auto", "none", "horovod", "torch")
+SLURM_WORD = r"^[A-Za-z0-9_.,:+@%=-]+$"  # partition/account/qos names: no spaces, no shell metacharacters
+SLURM_CONSTRAINT = r"^[A-Za-z0-9_.,:+@%=&|()\[\]*-]+$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def spec(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None,
+         pattern=None, length=None, help: str = "", default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with validation metadata."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern,
+            "length": length, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SynthConfig:
+    """Make a synthetic dataset at data.path when it does not exist yet (demo, tests)."""
+    rows: int = spec(20000, ge=10)
+    features: int = spec(16, ge=1)
+    classes: int = spec(2, ge=2, help="class count for multiclass (binary uses 2)")
+    targets: int = spec(1, ge=1, help="target columns for regression")
+    shards: int = spec(4, ge=1)
+    noise: float = spec(0.1, ge=0.0)
+    seed: int = spec(0, ge=0)
+
+
+@dataclass
+class DataConfig:
+    path: str = spec("data/demo", help="dataset folder with meta.json and train/val/test shards")
+    task: str = spec("binary", choices=TASKS)
+    batch_size: int = spec(1024, ge=1, help="per-rank batch size")
+    standardize: bool = spec(True, help="apply train-split mean/std from meta.json on the fly")
+    block_rows: int = spec(4096, ge=1, help="contiguous rows read in one HDF5 slice when shuffling")
+    buffer_blocks: int = spec(8, ge=1, help="blocks mixed in one shuffle buffer")
+    remainder: str = spec("drop", choices=("drop", "pad"),
+                          help="rows left over after an equal split across ranks and batches")
+    prefetch: int = spec(4, ge=0, help="batches read ahead in a background thread (0: none)")
+    limit_rows: Optional[int] = spec(None, ge=1, help="use only the first N rows of each split")
+    synth: Optional[SynthConfig] = spec(None)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = spec(default_factory=lambda: [64, 64], ge=1)
+    activation: str = spec("relu", choices=ACTIVATIONS)
+    leaky_slope: float = spec(0.01, ge=0.0, lt=1.0)
+    norm: str = spec("none", choices=("none", "batch"))
+    dropout: float = spec(0.0, ge=0.0, lt=1.0)
+    init: str = spec("auto", choices=INITS)
+    output: str = spec("none", choices=("none", "positive", "bounded"),
+                       help="regression output activation: none, positive (softplus), bounded (sigmoid)")
+    output_bounds: list[float] = spec(default_factory=lambda: [0.0, 1.0], length=2)
+
+
+@dataclass
+class OptimConfig:
+    name: str = spec("adam", choices=OPTIMIZERS)
+    lr: float = spec(1e-3, gt=0.0)
+    weight_decay: float = spec(0.0, ge=0.0)
+    momentum: float = spec(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = spec(False)
+    betas: list[float] = spec(default_factory=lambda: [0.9, 0.999], length=2, ge=0.0, lt=1.0)
+    eps: float = spec(1e-8, gt=0.0)
+    l1: float = spec(0.0, ge=0.0, help="L1 penalty on weights, added to the loss")
+    l2: float = spec(0.0, ge=0.0, help="L2 penalty on weights, added to the loss")
+    max_norm: Optional[float] = spec(None, gt=0.0, help="max-norm constraint on each unit's incoming weights")
+    grad_clip: Optional[float] = spec(None, gt=0.0, help="clip the global gradient norm")
+    lr_scaling: str = spec("none", choices=("none", "linear"), help="scale lr by the world size")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = spec("none", choices=SCHEDULES)
+    warmup_steps: int = spec(0, ge=0)
+    milestones: list[int] = spec(default_factory=list, ge=1, help="step schedule: epochs where lr *= gamma")
+    gamma: float = spec(0.1, gt=0.0)
+    decay_steps: int = spec(1000, ge=1, help="power/exponential: steps of one decay unit")
+    decay_rate: float = spec(0.1, gt=0.0, help="exponential: lr * decay_rate ** (step / decay_steps)")
+    power: float = spec(1.0, gt=0.0, help="power: lr / (1 + step / decay_steps) ** power")
+    min_lr: float = spec(0.0, ge=0.0)
+    max_lr: Optional[float] = spec(None, gt=0.0, help="onecycle peak (default 10 x optim.lr)")
+    patience: int = spec(3, ge=0, help="plateau: epochs without improvement before lr *= factor")
+    factor: float = spec(0.5, gt=0.0, lt=1.0)
+    threshold: float = spec(1e-4, ge=0.0)
+
+
+@dataclass
+class LossConfig:
+    name: str = spec("auto", choices=LOSSES)
+    huber_delta: float = spec(1.0, gt=0.0)
+    weighted: bool = spec(False, help="use the per-sample weights w of the shards")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = spec(None, ge=1, help="epochs without improvement before stopping (null: off)")
+    min_delta: float = spec(0.0, ge=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = spec(10, ge=1)
+    monitor: str = spec("val_loss", pattern=r"^(train|val)_[a-z0-9_]+$",
+                        help="metric for best checkpoint and early stopping")
+    mode: str = spec("auto", choices=("auto", "min", "max"))
+    early_stopping: EarlyStoppingConfig = spec(default_factory=EarlyStoppingConfig)
+    checkpoint_every_s: float = spec(300.0, gt=0.0)
+    checkpoint_every_epochs: int = spec(1, ge=1)
+    checkpoint_every_steps: Optional[int] = spec(None, ge=1)
+    max_steps: Optional[int] = spec(None, ge=1, help="stop after this many optimizer steps in total")
+    precision: str = spec("fp32", choices=("fp32", "bf16", "fp16"))
+    device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    threads: Optional[int] = spec(None, ge=1, help="torch intra-op threads per rank")
+    evaluate_test: bool = spec(True, help="evaluate the best checkpoint on the test split at the end")
+
+
+@dataclass
+class DistConfig:
+    backend: str = spec("auto", choices=BACKENDS)
+    timeout_s: float = spec(300.0, gt=0.0, help="collective timeout before a run is failed")
+    fp16_compression: bool = spec(False)
+    backward_passes_per_step: int = spec(1, ge=1)
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = spec(None, pattern=SLURM_WORD)
+    account: Optional[str] = spec(None, pattern=SLURM_WORD)
+    qos: Optional[str] = spec(None, pattern=SLURM_WORD)
+    constraint: Optional[str] = spec(None, pattern=SLURM_CONSTRAINT)
+    nodes: int = spec(1, ge=1)
+    tasks_per_node: int = spec(1, ge=1)
+    gpus_per_node: int = spec(0, ge=0)
+    cpus_per_task: int = spec(1, ge=1)
+    mem_gb: Optional[float] = spec(None, gt=0.0)
+    time_min: int = spec(60, ge=1)
+    array_parallelism: int = spec(16, ge=1)
+    signal_delay_s: int = spec(90, ge=0, help="seconds before the time limit the job is signalled")
+    max_requeues: int = spec(3, ge=0)
+    setup: list[str] = spec(default_factory=list, help="shell lines run before the job (module load ...)")
+    srun_args: list[str] = spec(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = spec("sweep", pattern=NAME_PATTERN)
+    seed: int = spec(0, ge=0)
+    data: DataConfig = spec(default_factory=DataConfig)
+    model: ModelConfig = spec(default_factory=ModelConfig)
+    optim: OptimConfig = spec(default_factory=OptimConfig)
+    schedule: ScheduleConfig = spec(default_factory=ScheduleConfig)
+    loss: LossConfig = spec(default_factory=LossConfig)
+    train: TrainConfig = spec(default_factory=TrainConfig)
+    dist: DistConfig = spec(default_factory=DistConfig)
+    slurm: SlurmConfig = spec(default_factory=SlurmConfig)
+    grid: dict = spec(default_factory=dict)
+
+    def to_dict(self, *, with_grid: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_grid:
+            d.pop("grid")
+        return d
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _check_scalar(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        value = float(value)
+        if value != value:
+            raise ConfigError(f"{path}: expected a number, got NaN")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+    _check_constraints(path, value, meta)
+    return value
+
+
+def _check_constraints(path: str, value: Any, meta: dict) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{path}: {_show(value)} is not allowed; expected one of: "
+                          f"{', '.join(choices)}{extra}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for key, sym, ok in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{path}: {_show(value)} is out of range; expected a value {sym} {bound}")
+    pattern = meta.get("pattern")
+    if pattern is not None and not re.match(pattern, value):
+        raise ConfigError(f"{path}: {_show(value)} is not a valid value; expected text matching {pattern}")
+
+
+def _build(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return None if value is None else _build(path, value, inner, meta)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(path, value, tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+        length = meta.get("length")
+        if length is not None and len(value) != length:
+            raise ConfigError(f"{path}: expected a list of {length} values, got {len(value)}: {_show(value)}")
+        item_meta = {k: v for k, v in meta.items() if k != "length"}
+        item_tp = typing.get_args(tp)[0]
+        return [_build(f"{path}[{i}]", v, item_tp, item_meta) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return copy.deepcopy(value)
+    if value is None:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
+    return _check_scalar(path, value, tp, meta)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_dataclass(path: str, raw: Any, cls: type) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = path or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {_show(raw)}")
+    types = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{path}.{key}" if path else str(key)
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            extra = f" Did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{full}: unknown key. Expected one of: {', '.join(fields)}.{extra}")
+    kwargs = {}
+    for name, f in fields.items():
+        full = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _build(full, raw[name], types[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    if cfg.model.output_bounds[0] >= cfg.model.output_bounds[1]:
+        raise ConfigError(f"model.output_bounds: {cfg.model.output_bounds} must be [low, high] with low < high")
+    if cfg.model.output != "none" and cfg.data.task != "regression":
+        raise ConfigError(f"model.output: {cfg.model.output!r} applies only to data.task: regression "
+                          f"(data.task is {cfg.data.task!r}); expected 'none'")
+    task_losses = {"binary": ("auto", "bce"), "multiclass": ("auto", "ce"),
+                   "regression": ("auto", "mse", "mae", "huber")}
+    if cfg.loss.name not in task_losses[cfg.data.task]:
+        raise ConfigError(f"loss.name: {cfg.loss.name!r} does not fit data.task {cfg.data.task!r}; "
+                          f"expected one of: {', '.join(task_losses[cfg.data.task])}")
+    if cfg.schedule.milestones != sorted(set(cfg.schedule.milestones)):
+        raise ConfigError(f"schedule.milestones: {cfg.schedule.milestones} must be strictly increasing epochs")
+    if cfg.data.synth is not None and cfg.data.task == "multiclass" and cfg.data.synth.classes < 3:
+        raise ConfigError("data.synth.classes: multiclass needs at least 3 classes, "
+                          f"got {cfg.data.synth.classes}")
+
+
+def build_config(raw: Any, source: str = "<config>") -> Config:
+    """Validate a raw mapping (grid included) and return a Config for its base point."""
+    try:
+        cfg = _build_dataclass("", raw, Config)
+        _check_cross_fields(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+def leaf_spec(dotted: str) -> tuple[Any, dict]:
+    """Type and metadata of a dotted config key; ConfigError when there is no such key."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not (dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"{dotted}: {'.'.join(parts[:i])} has no sub-keys")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or part == "grid":
+            prefix = ".".join(parts[:i])
+            choices = [n for n in fields if n != "grid"]
+            hint = difflib.get_close_matches(part, choices, n=1)
+            extra = f" Did you mean {(prefix + '.' if prefix else '') + hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{dotted}: no such config key. "
+                              f"{'Keys of ' + prefix if prefix else 'Top-level keys'}: {', '.join(choices)}.{extra}")
+        tp = _field_types(cls)[part]
+        meta = dict(fields[part].metadata)
+        if i == len(parts) - 1:
+            return tp, meta
+        origin = typing.get_origin(tp)
+        if origin is typing.Union:
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        cls = tp
+    raise AssertionError("unreachable")
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a raw nested mapping, creating sections as needed."""
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is {_show(child)}, not a mapping")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def get_dotted(raw: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", YAML-typed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: the key before '=' is empty")
+    return key, parse_yaml(value, source=f"override {text!r}") if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides to a raw config mapping (a new mapping is returned).
+
+    ``grid.optim.lr=[...]`` sets a grid axis. Overriding a key that the grid sweeps fixes
+    it: the axis is dropped from the grid, so ``hpctrain run x.yaml optim.lr=0.1`` trains
+    with lr 0.1 whatever the grid says.
+    """
+    raw = copy.deepcopy(raw) if raw else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("grid."):
+            raw.setdefault("grid", {})
+            if not isinstance(raw["grid"], dict):
+                raise ConfigError(f"override {text!r}: grid is not a mapping")
+            raw["grid"][key[len("grid."):]] = value
+            continue
+        leaf_spec(key)
+        set_dotted(raw, key, value)
+        _drop_grid_axis(raw, key)
+    return raw
+
+
+def _drop_grid_axis(raw: dict, key: str) -> None:
+    grid = raw.get("grid")
+    if not isinstance(grid, dict):
+        return
+    grid.pop(key, None)
+    groups = grid.get("zip")
+    if isinstance(groups, dict):
+        groups = [groups]
+    if isinstance(groups, list):
+        for group in groups:
+            if isinstance(group, dict):
+                group.pop(key, None)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_raw(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    raw = parse_yaml(text, source=str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {_show(raw)}")
+    return raw
+
+
+def load_raw(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a YAML config and apply overrides; the result is still unvalidated."""
+    return apply_overrides(read_raw(path), list(overrides))
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    return build_config(raw, source)
+
+
+def base_dict(cfg: Config) -> dict:
+    """A run's resolved config as a plain mapping without its grid."""
+    return cfg.to_dict(with_grid=False)

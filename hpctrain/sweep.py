@@ -1,0 +1,272 @@
+"""Grid expansion, stable run ids, the sweep folder and per-run state.
+
+A sweep folder looks like::
+
+    sweeps/<name>/
+      sweep.yaml            the config as given (grid included), after overrides
+      grid.jsonl            one line per grid point: index, run_id, params
+      runs/<run_id>/
+        config.yaml         the resolved config of this point (no grid)
+        state.json          status, epoch, best metric, message (atomic writes)
+        metrics.csv         one row per epoch (written by the trainer)
+        checkpoints/        last.pt, best.pt
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .config import (Config, ConfigError, build_config, dump_yaml, leaf_spec, load_raw,
+                     base_dict, set_dotted)
+from .fsutil import atomic_write_json, atomic_write_text, read_json
+
+STATUSES = ("pending", "running", "done", "failed", "diverged", "preempted")
+FINAL_STATUSES = ("done", "failed", "diverged")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+@dataclass
+class RunSpec:
+    """One grid point: its index in the sweep, its stable id, its params and config."""
+    index: int
+    run_id: str
+    params: dict[str, Any]
+    config: Config
+
+    def record(self) -> dict:
+        return {"index": self.index, "run_id": self.run_id, "params": self.params}
+
+
+def _grid_axes(grid: dict, source: str) -> list[list[tuple[str, list]]]:
+    """Grid mapping -> list of axes; an axis is a group of (key, values) that advance together."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{source}: grid: expected a mapping of dotted keys to lists of values")
+    axes: list[list[tuple[str, list]]] = []
+    for key, values in grid.items():
+        if key == "zip":
+            groups = values if isinstance(values, list) else [values]
+            for gi, group in enumerate(groups):
+                axes.append(_zip_group(group, f"grid.zip[{gi}]", source))
+            continue
+        axes.append([_grid_values(key, values, f"grid.{key}", source)])
+    return axes
+
+
+def _zip_group(group: Any, where: str, source: str) -> list[tuple[str, list]]:
+    if not isinstance(group, dict) or not group:
+        raise ConfigError(f"{source}: {where}: expected a mapping of dotted keys to lists "
+                          "of equal length (the lists advance together)")
+    members = [_grid_values(k, v, f"{where}.{k}", source) for k, v in group.items()]
+    lengths = {k: len(v) for k, v in members}
+    if len(set(lengths.values())) != 1:
+        raise ConfigError(f"{source}: {where}: the lists of a zip group must have equal lengths, got "
+                          + ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+    return members
+
+
+def _grid_values(key: Any, values: Any, where: str, source: str) -> tuple[str, list]:
+    if not isinstance(key, str):
+        raise ConfigError(f"{source}: {where}: grid keys must be dotted config keys such as optim.lr")
+    try:
+        leaf_spec(key)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: grid: {e}") from None
+    if key.split(".")[0] in ("name", "slurm", "dist"):
+        raise ConfigError(f"{source}: {where}: {key} cannot be swept; one sweep shares its name and resources")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{source}: {where}: expected a non-empty list of values, got {values!r}")
+    return key, values
+
+
+def expand_grid(raw: dict, source: str = "<config>") -> list[dict[str, Any]]:
+    """Cartesian product over the axes, in the order the grid lists them (last varies fastest)."""
+    axes = _grid_axes(raw.get("grid") or {}, source)
+    seen: set[str] = set()
+    for axis in axes:
+        for key, _ in axis:
+            if key in seen:
+                raise ConfigError(f"{source}: grid: {key} appears more than once")
+            seen.add(key)
+    points = []
+    for combo in itertools.product(*[range(len(axis[0][1])) for axis in axes]):
+        params: dict[str, Any] = {}
+        for axis, i in zip(axes, combo):
+            for key, values in axis:
+                params[key] = copy.deepcopy(values[i])
+        points.append(params)
+    return points
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "x".join(_format_value(v) for v in value) or "none"
+    return str(value)
+
+
+def run_id_for(params: dict[str, Any], resolved: dict) -> str:
+    """Readable part from the grid params + 8 hex digits of the resolved config's hash."""
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
+    parts = [f"{key.split('.')[-1]}{_format_value(v)}" for key, v in params.items()]
+    readable = re.sub(r"[^A-Za-z0-9.+=-]+", "-", "_".join(parts)).strip("-")[:60]
+    return f"{readable}_{digest}" if readable else digest
+
+
+def _identity(cfg: Config) -> dict:
+    """The part of a resolved config that defines a run (not where or how it is scheduled)."""
+    d = base_dict(cfg)
+    for key in ("name", "slurm"):
+        d.pop(key)
+    d["dist"] = {"backend": d["dist"]["backend"]}
+    return d
+
+
+def expand(raw: dict, source: str = "<config>") -> list[RunSpec]:
+    """Validate a raw config and every grid point of it; return the RunSpecs in grid order."""
+    build_config(raw, source)  # the base point, so errors outside the grid are named plainly
+    base = {k: v for k, v in raw.items() if k != "grid"}
+    specs: list[RunSpec] = []
+    for index, params in enumerate(expand_grid(raw, source)):
+        point = copy.deepcopy(base)
+        for key, value in params.items():
+            set_dotted(point, key, value)
+        try:
+            cfg = build_config(point, source)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"{e} (in grid point {index}: {shown})") from None
+        specs.append(RunSpec(index, run_id_for(params, _identity(cfg)), params, cfg))
+    ids = [s.run_id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: grid: two grid points resolve to the same config; remove the duplicate values")
+    return specs
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[RunSpec]]:
+    """Read, override and validate a config file; return (raw config, run specs)."""
+    raw = load_raw(path, overrides)
+    return raw, expand(raw, str(path))
+
+
+# --------------------------------------------------------------------------- sweep folder
+
+
+def default_sweep_dir(cfg: Config) -> Path:
+    return Path("sweeps") / cfg.name
+
+
+class SweepDir:
+    """Paths and records of one sweep folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "sweep.yaml"
+
+    @property
+    def grid_path(self) -> Path:
+        return self.root / "grid.jsonl"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def write(self, raw: dict, specs: list[RunSpec]) -> None:
+        """Write sweep.yaml, grid.jsonl and each run's config.yaml; never touches run results."""
+        atomic_write_text(self.config_path, dump_yaml(raw))
+        atomic_write_text(self.grid_path, "".join(json.dumps(s.record(), sort_keys=True) + "\n" for s in specs))
+        for s in specs:
+            self.prepare_run(s)
+
+    def prepare_run(self, spec: RunSpec) -> Path:
+        run_dir = self.run_dir(spec.run_id)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(base_dict(spec.config)))
+        if not (run_dir / "state.json").exists():
+            write_state(run_dir, RunState(status="pending", total_epochs=spec.config.train.epochs,
+                                          index=spec.index, run_id=spec.run_id, params=spec.params))
+        return run_dir
+
+    def records(self) -> list[dict]:
+        """The grid.jsonl records, in index order."""
+        try:
+            lines = self.grid_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ConfigError(f"{self.grid_path}: not found; is {self.root} a sweep folder?") from None
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class RunState:
+    status: str = "pending"
+    epoch: int = 0
+    total_epochs: int = 0
+    step: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    monitor: str = "val_loss"
+    message: str = ""
+    index: Optional[int] = None
+    run_id: str = ""
+    params: dict = field(default_factory=dict)
+    slurm_job_id: Optional[str] = None
+    host: str = ""
+    started_at: Optional[float] = None
+    updated_at: Optional[float] = None
+    wall_time_s: float = 0.0
+    samples_per_s: Optional[float] = None
+    requeues: int = 0
+    world_size: int = 1
+    backend: str = "none"
+    test: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+
+
+def write_state(run_dir: str | Path, state: RunState) -> None:
+    state.updated_at = time.time()
+    if not state.host:
+        state.host = socket.gethostname()
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and not state.slurm_job_id:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        state.slurm_job_id = f"{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else job
+    atomic_write_json(Path(run_dir) / "state.json", state.__dict__)
+
+
+def read_state(run_dir: str | Path) -> Optional[RunState]:
+    """The run's state, or None when state.json is missing or unreadable."""
+    try:
+        data = read_json(Path(run_dir) / "state.json")
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    known = {k: v for k, v in data.items() if k in RunState.__dataclass_fields__}
+    try:
+        return RunState(**known)
+    except (TypeError, ValueError):
+        return None
+
+
+def iter_runs(sweep: SweepDir) -> Iterator[tuple[dict, Optional[RunState]]]:
+    for rec in sweep.records():
+        yield rec, read_state(sweep.run_dir(rec["run_id"]))

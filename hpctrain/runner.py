@@ -1,0 +1,235 @@
+"""Run one grid point: build every part from its config and record the outcome.
+
+This is the one place that knows all the parts: rank environment, distributed
+backend, dataset and loaders, model, trainer. The trainer knows nothing of Slurm
+and the launcher knows nothing of models; both meet here.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import Config
+from .errors import DataError, HpctrainError
+from .sweep import (FINAL_STATUSES, RunSpec, RunState, SweepDir, default_sweep_dir, expand, load_sweep,
+                    read_state, write_state)
+from .config import read_raw
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- sweep preparation
+
+
+def prepare_sweep(config_path: str | Path, overrides: list[str] = (), sweep_dir: str | Path | None = None,
+                  *, write: bool = True) -> tuple[SweepDir, dict, list[RunSpec]]:
+    """Validate a config and its whole grid, then (when ``write``) lay out the sweep folder.
+
+    Validation comes first, so a bad key or value fails before any file is written or any
+    job submitted. Writing never touches a run's results: only sweep.yaml, grid.jsonl and
+    the runs' config.yaml, and state.json for runs that have none yet.
+    """
+    raw, specs = load_sweep(config_path, list(overrides))
+    sweep = SweepDir(sweep_dir if sweep_dir is not None else default_sweep_dir(specs[0].config))
+    if write:
+        sweep.write(raw, specs)
+    return sweep, raw, specs
+
+
+def load_prepared_sweep(sweep_dir: str | Path) -> tuple[SweepDir, list[RunSpec]]:
+    """The run specs of an existing sweep folder, re-expanded from its sweep.yaml."""
+    sweep = SweepDir(sweep_dir)
+    if not sweep.config_path.exists():
+        raise HpctrainError(f"{sweep.config_path}: not found; is {sweep.root} a sweep folder "
+                            "(made by hpctrain run/submit/sbatch)?")
+    raw = read_raw(sweep.config_path)
+    return sweep, expand(raw, str(sweep.config_path))
+
+
+def pick(specs: list[RunSpec], index: int, source: str = "the grid") -> RunSpec:
+    if not 0 <= index < len(specs):
+        raise HpctrainError(f"--index {index} is out of range: {source} has {len(specs)} point(s), "
+                            f"indices 0..{len(specs) - 1}")
+    return specs[index]
+
+
+# --------------------------------------------------------------------------- building the parts
+
+
+@dataclass
+class Parts:
+    """Everything one rank needs to train one grid point."""
+    cfg: Config
+    backend: Any
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    model: Any
+    model_meta: dict
+
+
+def scale_lr(cfg: Config, world_size: int, log: Log) -> Config:
+    """Linear scaling rule (Goyal et al.): lr x world size, since the global batch grows with it."""
+    if cfg.optim.lr_scaling != "linear" or world_size == 1:
+        return cfg
+    scaled = copy.deepcopy(cfg)
+    scaled.optim.lr = cfg.optim.lr * world_size
+    log(f"optim.lr_scaling: linear: lr {cfg.optim.lr:g} x {world_size} ranks = {scaled.optim.lr:g}")
+    return scaled
+
+
+def _set_threads(cfg: Config, local_size: int) -> None:
+    import torch
+
+    threads = cfg.train.threads
+    if threads is None and local_size > 1:
+        # Ranks on one node share its cores; oversubscribed BLAS threads slow every rank down.
+        threads = max(1, (os.cpu_count() or 1) // local_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _check_task(cfg: Config, meta: Any) -> None:
+    if meta.task != cfg.data.task:
+        raise DataError(f"{Path(cfg.data.path) / 'meta.json'}: the dataset's task is {meta.task!r} but "
+                        f"data.task is {cfg.data.task!r}; expected them to match")
+
+
+def build_parts(cfg: Config, *, log: Log = print, backend: Any = None) -> Parts:
+    """Backend, data, loaders and model for ``cfg`` on this rank."""
+    import torch
+
+    from .data.loader import ShardLoader
+    from .data.shards import open_dataset
+    from .data.synthetic import ensure_synthetic
+    from .dist import discover, make_backend
+    from .model import build_model
+
+    env = discover()
+    if backend is None:
+        backend = make_backend(cfg.dist, device_preference=cfg.train.device, log=log if env.rank == 0 else _quiet)
+    _set_threads(cfg, getattr(env, "local_size", 1))
+    if cfg.data.synth is not None:
+        if backend.is_root:
+            ensure_synthetic(cfg.data)
+        backend.barrier()
+    dataset = open_dataset(cfg.data.path)
+    _check_task(cfg, dataset.meta)
+    cfg = scale_lr(cfg, backend.size, log if backend.is_root else _quiet)
+
+    def loader(split: str):
+        return ShardLoader.from_config(cfg.data, split, rank=backend.rank, world_size=backend.size,
+                                       seed=cfg.seed, device=backend.device)
+
+    train_loader, val_loader = loader("train"), loader("val")
+    test_loader = loader("test") if cfg.train.evaluate_test and dataset.meta.rows.get("test", 0) > 0 else None
+    meta = dataset.meta
+    torch.manual_seed(cfg.seed)
+    lsuv_batch = _first_batch(train_loader) if cfg.model.init == "lsuv" else None
+    model = build_model(cfg.model, meta.task, meta.n_features, meta.n_classes, meta.n_targets, lsuv_batch=lsuv_batch)
+    model_meta = {"task": meta.task, "n_features": int(meta.n_features), "n_classes": int(meta.n_classes),
+                  "n_targets": int(meta.n_targets), "standardize": bool(cfg.data.standardize),
+                  "mean": [float(v) for v in meta.mean], "std": [float(v) for v in meta.std],
+                  "feature_names": list(getattr(meta, "feature_names", []) or [])}
+    return Parts(cfg, backend, train_loader, val_loader, test_loader, model, model_meta)
+
+
+def _first_batch(loader: Any):
+    loader.set_epoch(0)
+    it = iter(loader)
+    try:
+        batch = next(it)
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    return batch.x.cpu()
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log = print,
+             overfit_batches: Optional[int] = None) -> RunState:
+    """Train one grid point on this rank and return its final state."""
+    from .dist import discover
+
+    run_dir = sweep.run_dir(spec.run_id)
+    is_root = discover().rank == 0
+    if is_root:
+        sweep.prepare_run(spec)
+    started = time.time()
+    backend = None
+    try:
+        parts = build_parts(spec.config, log=log)
+        backend = parts.backend
+        if backend.is_root:
+            _mark_running(run_dir, spec, backend)
+        result = _fit(parts, run_dir, stop_flag, log, overfit_batches)
+        if backend.is_root:
+            log(f"run {spec.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
+    except Exception as exc:  # a failed run must be recorded, whatever failed
+        message = str(exc) if isinstance(exc, HpctrainError) else f"{type(exc).__name__}: {exc}"
+        if is_root:
+            _mark_failed(run_dir, spec, message, started)
+        if not isinstance(exc, HpctrainError):
+            log(traceback.format_exc())
+        raise
+    finally:
+        if backend is not None:
+            backend.shutdown()
+    return read_state(run_dir) or RunState(status="failed", message="state.json unreadable after the run")
+
+
+def _fit(parts: Parts, run_dir: Path, stop_flag: Any, log: Log, overfit_batches: Optional[int]):
+    from .train.loop import Trainer
+
+    trainer = Trainer(parts.cfg, parts.model, parts.train_loader, parts.val_loader, parts.backend,
+                      run_dir=run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
+                      log=log if parts.backend.is_root else _quiet, overfit_batches=overfit_batches,
+                      model_meta=parts.model_meta)
+    return trainer.fit()
+
+
+def _mark_running(run_dir: Path, spec: RunSpec, backend: Any) -> None:
+    state = read_state(run_dir) or RunState(index=spec.index, run_id=spec.run_id, params=spec.params)
+    if state.status == "preempted":
+        state.requeues += 1
+    state.status = "running"
+    state.message = ""
+    state.total_epochs = spec.config.train.epochs
+    state.world_size = backend.size
+    state.backend = backend.name
+    state.started_at = state.started_at or time.time()
+    state.slurm_job_id = None  # refreshed from this job's environment by write_state
+    write_state(run_dir, state)
+
+
+def _mark_failed(run_dir: Path, spec: RunSpec, message: str, started: float) -> None:
+    state = read_state(run_dir) or RunState(index=spec.index, run_id=spec.run_id, params=spec.params)
+    state.status = "failed"
+    state.message = message[:2000]
+    state.wall_time_s = state.wall_time_s or (time.time() - started)
+    write_state(run_dir, state)
+
+
+def run_point(sweep_dir: str | Path, index: int, *, stop_flag: Any = None, log: Log = print,
+              overfit_batches: Optional[int] = None) -> RunState:
+    """Train grid point ``index`` of an existing sweep folder (what one array element runs)."""
+    sweep, specs = load_prepared_sweep(sweep_dir)
+    spec = pick(specs, index, str(sweep.config_path))
+    return run_spec(sweep, spec, stop_flag=stop_flag, log=log, overfit_batches=overfit_batches)
+
+
+def is_finished(state: Optional[RunState]) -> bool:
+    return state is not None and state.status in FINAL_STATUSES

@@ -1,0 +1,129 @@
+"""Grid expansion, stable run ids, sweep folder layout and atomic state."""
+import json
+import os
+import textwrap
+
+import pytest
+
+from hpctrain.config import ConfigError
+from hpctrain.sweep import (RunState, SweepDir, expand, expand_grid, load_sweep, read_state, run_id_for,
+                            write_state)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GRID_3x2 = """
+name: g
+grid:
+  optim.lr: [1e-1, 1e-2, 1e-3]
+  model.hidden: [[32], [64, 64]]
+"""
+
+
+def test_product_of_3x2_gives_6_stable_ids(tmp_path):
+    path = write(tmp_path, GRID_3x2)
+    _, a = load_sweep(path)
+    _, b = load_sweep(path)
+    assert len(a) == 6
+    assert [s.run_id for s in a] == [s.run_id for s in b]
+    assert len({s.run_id for s in a}) == 6
+    assert [s.index for s in a] == list(range(6))
+    # last axis varies fastest
+    assert [s.params["model.hidden"] for s in a[:2]] == [[32], [64, 64]]
+    assert a[0].config.optim.lr == 0.1 and a[5].config.model.hidden == [64, 64]
+    assert a[0].run_id.startswith("lr0.1-hidden32_")
+
+
+def test_run_id_depends_on_resolved_config_not_on_name_or_resources(tmp_path):
+    _, a = load_sweep(write(tmp_path, GRID_3x2))
+    _, b = load_sweep(write(tmp_path, GRID_3x2), ["name=other", "slurm.time_min=5"])
+    _, c = load_sweep(write(tmp_path, GRID_3x2), ["seed=1"])
+    assert [s.run_id for s in a] == [s.run_id for s in b]
+    assert not {s.run_id for s in a} & {s.run_id for s in c}
+
+
+def test_zip_group_advances_together():
+    raw = {"grid": {"seed": [0, 1], "zip": {"optim.name": ["sgd", "adam"], "optim.lr": [0.1, 0.001]}}}
+    points = expand_grid(raw)
+    assert points == [
+        {"seed": 0, "optim.name": "sgd", "optim.lr": 0.1},
+        {"seed": 0, "optim.name": "adam", "optim.lr": 0.001},
+        {"seed": 1, "optim.name": "sgd", "optim.lr": 0.1},
+        {"seed": 1, "optim.name": "adam", "optim.lr": 0.001},
+    ]
+    assert len(expand(raw)) == 4
+
+
+def test_no_grid_is_one_point():
+    specs = expand({})
+    assert len(specs) == 1 and specs[0].params == {}
+
+
+@pytest.mark.parametrize("grid, words", [
+    ({"optim.lrr": [1]}, ["grid: optim.lrr: no such config key", "Did you mean 'optim.lr'"]),
+    ({"optim.lr": []}, ["grid.optim.lr", "non-empty list"]),
+    ({"optim.lr": 0.1}, ["grid.optim.lr", "non-empty list"]),
+    ({"optim.lr": [0.1, "x"]}, ["optim.lr: expected a number, got 'x'", "grid point 1"]),
+    ({"model.hidden": [[8], [0]]}, ["model.hidden[0]", "out of range", "grid point 1"]),
+    ({"zip": {"optim.lr": [1, 2], "seed": [1]}}, ["grid.zip[0]", "equal lengths", "optim.lr: 2, seed: 1"]),
+    ({"zip": [[1, 2]]}, ["grid.zip[0]", "mapping of dotted keys"]),
+    ({"optim.lr": [1], "zip": {"optim.lr": [2]}}, ["optim.lr appears more than once"]),
+    ({"slurm.nodes": [1, 2]}, ["slurm.nodes cannot be swept"]),
+    ({"optim.lr": [0.1, 0.1]}, ["same config"]),
+])
+def test_grid_errors(grid, words):
+    with pytest.raises(ConfigError) as err:
+        expand({"grid": grid}, "c.yaml")
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_sweep_folder_layout_and_no_overwrite(tmp_path):
+    raw, specs = load_sweep(write(tmp_path, GRID_3x2))
+    sweep = SweepDir(tmp_path / "sweeps" / "g")
+    sweep.write(raw, specs)
+    assert (sweep.root / "sweep.yaml").exists()
+    records = [json.loads(l) for l in (sweep.root / "grid.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in records] == [s.run_id for s in specs]
+    assert records[3]["params"] == specs[3].params
+    run = sweep.run_dir(specs[0].run_id)
+    assert (run / "config.yaml").exists() and (run / "checkpoints").is_dir()
+    assert read_state(run).status == "pending" and read_state(run).index == 0
+    # A finished run is never reset by writing the sweep again.
+    state = read_state(run)
+    state.status, state.best_metric = "done", 0.25
+    write_state(run, state)
+    sweep.write(raw, specs)
+    assert read_state(run).status == "done" and read_state(run).best_metric == 0.25
+
+
+def test_state_write_is_atomic_and_leaves_no_temp_files(tmp_path):
+    write_state(tmp_path, RunState(status="running", epoch=3))
+    for i in range(20):
+        write_state(tmp_path, RunState(status="running", epoch=i))
+    assert read_state(tmp_path).epoch == 19
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_state_rejects_unknown_status_and_reads_corrupt_as_none(tmp_path):
+    with pytest.raises(ValueError, match="not one of"):
+        RunState(status="finished")
+    (tmp_path / "state.json").write_text('{"status": "runn')
+    assert read_state(tmp_path) is None
+    assert read_state(tmp_path / "missing") is None
+
+
+def test_state_records_slurm_job_id_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    write_state(tmp_path, RunState())
+    assert read_state(tmp_path).slurm_job_id == "123_4"
+
+
+def test_run_id_is_filesystem_safe():
+    rid = run_id_for({"model.activation": "leaky_relu", "data.path": "/a b/c"}, {"x": 1})
+    assert "/" not in rid and " " not in rid

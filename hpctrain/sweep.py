@@ -187,8 +187,17 @@ class SweepDir:
         return self.root / "runs" / run_id
 
     def write(self, raw: dict, specs: list[RunSpec]) -> None:
-        """Write sweep.yaml, grid.jsonl and each run's config.yaml; never touches run results."""
-        atomic_write_text(self.config_path, dump_yaml(raw))
+        """Write sweep.yaml, grid.jsonl and each run's config.yaml; never touches run results.
+
+        A folder that already holds a different sweep is refused rather than overwritten:
+        its grid.jsonl indexes runs that would otherwise disappear from status and collect.
+        """
+        text = dump_yaml(raw)
+        if self.config_path.exists() and self.config_path.read_text(encoding="utf-8") != text:
+            raise ConfigError(
+                f"{self.root} already holds a different sweep (its sweep.yaml differs from this config "
+                "and its overrides); choose another folder with --sweep-dir or another name with name=...")
+        atomic_write_text(self.config_path, text)
         atomic_write_text(self.grid_path, "".join(json.dumps(s.record(), sort_keys=True) + "\n" for s in specs))
         for s in specs:
             self.prepare_run(s)

@@ -127,3 +127,15 @@ def test_state_records_slurm_job_id_from_environment(tmp_path, monkeypatch):
 def test_run_id_is_filesystem_safe():
     rid = run_id_for({"model.activation": "leaky_relu", "data.path": "/a b/c"}, {"x": 1})
     assert "/" not in rid and " " not in rid
+
+
+def test_folder_of_a_different_sweep_is_refused_not_overwritten(tmp_path):
+    raw, specs = load_sweep(write(tmp_path, GRID_3x2))
+    sweep = SweepDir(tmp_path / "s")
+    sweep.write(raw, specs)
+    before = (sweep.root / "grid.jsonl").read_text()
+    raw2, specs2 = load_sweep(write(tmp_path, GRID_3x2), ["optim.lr=0.5"])
+    with pytest.raises(ConfigError, match="already holds a different sweep"):
+        sweep.write(raw2, specs2)
+    assert (sweep.root / "grid.jsonl").read_text() == before
+    sweep.write(raw, specs)  # the same sweep again is fine

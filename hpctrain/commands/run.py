@@ -43,9 +43,10 @@ def main(args: argparse.Namespace) -> int:
 
     is_root = discover().rank == 0
     overrides = list(args.overrides) + quick_check_overrides(args)
-    sweep, _raw, specs = prepare_sweep(args.config, overrides, args.sweep_dir, write=is_root)
+    sweep, raw, specs = prepare_sweep(args.config, overrides, args.sweep_dir, write=False)
     spec = pick(specs, args.index, args.config)
     if is_root:
+        sweep.write(raw, specs)
         print(f"run {spec.index}/{len(specs)}: {spec.run_id} in {sweep.run_dir(spec.run_id)}", flush=True)
     stop_flag = StopFlag()
     stop_flag.install()

@@ -205,7 +205,10 @@ class SweepDir:
     def prepare_run(self, spec: RunSpec) -> Path:
         run_dir = self.run_dir(spec.run_id)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(base_dict(spec.config)))
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            # The run id is a hash of this config, so an existing file already holds it.
+            atomic_write_text(config_path, dump_yaml(base_dict(spec.config)), durable=False)
         if not (run_dir / "state.json").exists():
             write_state(run_dir, RunState(status="pending", total_epochs=spec.config.train.epochs,
                                           index=spec.index, run_id=spec.run_id, params=spec.params))
@@ -257,7 +260,8 @@ def write_state(run_dir: str | Path, state: RunState) -> None:
     if not state.host:
         state.host = socket.gethostname()
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job and not state.slurm_job_id:
+    # A pending run belongs to no job yet, even when the folder is laid out from inside one.
+    if job and not state.slurm_job_id and state.status != "pending":
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         state.slurm_job_id = f"{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else job
     atomic_write_json(Path(run_dir) / "state.json", state.__dict__)

@@ -139,3 +139,9 @@ def test_folder_of_a_different_sweep_is_refused_not_overwritten(tmp_path):
         sweep.write(raw2, specs2)
     assert (sweep.root / "grid.jsonl").read_text() == before
     sweep.write(raw, specs)  # the same sweep again is fine
+
+
+def test_pending_state_gets_no_job_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    write_state(tmp_path, RunState(status="pending"))
+    assert read_state(tmp_path).slurm_job_id is None

@@ -1,0 +1,53 @@
+"""``hpctrain lr-find CONFIG [a.b=c ...]``: learning-rate range test for one grid point.
+
+Prints loss against an exponentially increasing learning rate, the suggested LR, and
+writes ``lr_find.png`` and ``lr_find.csv`` to ``--out`` (default
+``sweeps/<name>/lr_find/<run_id>``). The model is the grid point's model as ``hpctrain
+run`` would build it; nothing of the sweep's runs is touched.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides such as optim.name=sgd")
+    p.add_argument("--index", type=int, default=0, help="grid point whose model and optimizer to test (default 0)")
+    p.add_argument("--steps", type=int, default=100, help="steps of the test (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--out", default=None, help="folder for lr_find.png and lr_find.csv")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..errors import HpctrainError
+    from ..runner import build_parts, pick, prepare_sweep
+    from ..train.losses import build_loss
+    from ..train.lr_find import lr_range_test
+
+    if args.steps < 2:
+        raise HpctrainError(f"--steps {args.steps}: expected at least 2")
+    if not 0 < args.start_lr < args.end_lr:
+        raise HpctrainError(f"--start-lr {args.start_lr:g} --end-lr {args.end_lr:g}: expected 0 < start < end")
+    _, _, specs = prepare_sweep(args.config, list(args.overrides), write=False)
+    spec = pick(specs, args.index, args.config)
+    cfg = spec.config
+    parts = build_parts(cfg, log=lambda m: print(m, flush=True))
+    try:
+        result = lr_range_test(parts.model, build_loss(cfg.loss, cfg.data.task), parts.train_loader, parts.backend,
+                               parts.cfg.optim, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+        if parts.backend.is_root:
+            out = Path(args.out) if args.out else Path("sweeps") / cfg.name / "lr_find" / spec.run_id
+            out.mkdir(parents=True, exist_ok=True)
+            result.write_csv(out / "lr_find.csv")
+            result.plot(out / "lr_find.png")
+            print(f"lr-find: grid point {spec.index} ({spec.run_id}), optimizer {cfg.optim.name}, "
+                  f"{len(result.lrs)} steps")
+            print(result.table())
+            print(result.summary())
+            print(f"wrote {out / 'lr_find.png'} and {out / 'lr_find.csv'}")
+    finally:
+        parts.backend.shutdown()
+    return 0

@@ -1,0 +1,783 @@
+"""Trainer: the training loop every rank runs.
+
+Read top to bottom: ``fit`` resumes (or seeds), then runs epochs; an epoch is a loop of
+``_train_step`` followed by ``_step_boundary`` (stop flag, divergence, step/time
+checkpoints, max_steps, agreed across ranks), and ends in ``_end_epoch`` (metrics,
+validation, schedule, best/early stopping, metrics.csv, checkpoints, one log line).
+
+Exact resume: a checkpoint holds everything a step depends on (weights, optimizer,
+schedule, early stopping, the loader position, every rank's RNG states and its partial
+epoch sums) and the metrics rows so far, so a run stopped at any step boundary and
+resumed writes the same metrics.csv and ends with the same weights as one that never
+stopped (bit for bit on CPU with the same world size and thread count).
+
+Speed: a step reads nothing back from the device except, on CPU, one finiteness check of
+the loss; a step's metric inputs are kept as references and reduced once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, base_dict
+from ..errors import DataError
+from ..fsutil import atomic_write_text
+from ..sweep import RunState, read_state, write_state
+from . import checkpoint as ckpt
+from .losses import MetricSums, build_loss, check_monitor, metric_names, monitor_mode
+from .optim import apply_max_norm, build_optimizer, build_schedule, set_lr, weight_penalty, weight_tensors
+
+TIMING_COLUMNS = ("epoch", "epoch_time_s", "samples_per_s", "elapsed_s")
+# Steps between divergence checks: on CPU a check is a cheap read; on a GPU it would
+# stall the stream, so it happens every few dozen steps (and before any checkpoint).
+CHECK_EVERY = {"cpu": 1}
+CHECK_EVERY_DEVICE = 50
+
+
+@dataclass
+class FitResult:
+    status: str                       # done | diverged | preempted
+    epoch: int                        # epochs completed
+    step: int                         # optimizer steps taken
+    best_metric: Optional[float]
+    best_epoch: Optional[int]
+    message: str = ""
+    test_metrics: dict = field(default_factory=dict)
+    samples_per_s: Optional[float] = None
+    wall_time_s: float = 0.0
+    resumed_from: Optional[str] = None  # checkpoint file name the run resumed from
+    overfit_passed: Optional[bool] = None
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without an improvement larger than ``min_delta``."""
+
+    def __init__(self, patience: Optional[int], min_delta: float, mode: str):
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.best: Optional[float] = None
+        self.wait = 0
+        self.stopped = False
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's value; True when training should stop."""
+        if self.patience is None or math.isnan(value):
+            return False
+        better = (self.best is None or
+                  (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta))
+        if better:
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+            self.stopped = self.wait >= self.patience
+        return self.stopped
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait, self.stopped = state["best"], int(state["wait"]), bool(state["stopped"])
+
+
+class FixedBatches:
+    """The same few batches every epoch (overfit check), with the loader protocol."""
+
+    def __init__(self, batches: list, meta: Optional[dict] = None):
+        self.batches, self.meta = batches, meta
+        self.epoch, self.batches_done = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done = epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        start, self._resume_at = getattr(self, "_resume_at", 0), 0
+        for i in range(start, len(self.batches)):
+            self.batches_done = i + 1
+            yield self.batches[i]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._resume_at = self.batches_done
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, val_loader, backend,
+                 run_dir: str | Path | None = None, test_loader=None, stop_flag=None,
+                 log: Callable[[str], None] = print, overfit_batches: Optional[int] = None,
+                 model_meta: Optional[dict] = None):
+        self.cfg, self.backend, self.log = cfg, backend, log
+        self.task = cfg.data.task
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.stop_flag = stop_flag
+        self.model_meta = dict(model_meta or {})
+        self.device = torch.device(backend.device)
+        self.raw_model = model.to(self.device)
+        # optim.lr_scaling is applied by the runner (the cfg it hands over has the scaled lr).
+        optimizer = build_optimizer(cfg.optim, self.raw_model.parameters())
+        self.model, self.optimizer = backend.wrap(self.raw_model, optimizer)
+        self.loss_fn = build_loss(cfg.loss, self.task)
+        self.metric_keys = metric_names(self.task)
+
+        self.overfit_batches = overfit_batches
+        if overfit_batches:
+            train_loader = _fixed_batches(train_loader, overfit_batches)
+            val_loader = FixedBatches(train_loader.batches)
+            test_loader = None
+        if len(train_loader) == 0:
+            raise DataError(f"the train split gives rank {backend.rank} no batches; use fewer ranks, a "
+                            f"smaller data.batch_size or more rows")
+        self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
+
+        tc = cfg.train
+        self.monitor = "val_loss" if overfit_batches else tc.monitor
+        check_monitor(self.monitor, self.task, has_val=val_loader is not None)
+        self.mode = monitor_mode(self.monitor, tc.mode)
+        self.early = EarlyStopping(None if overfit_batches else tc.early_stopping.patience,
+                                   tc.early_stopping.min_delta, self.mode)
+        planned = tc.epochs * len(train_loader)
+        self.schedule = build_schedule(cfg.schedule, cfg.optim.lr,
+                                       min(planned, tc.max_steps or planned), self.mode)
+        self.weights = weight_tensors(self.raw_model)
+        self.check_every = CHECK_EVERY.get(self.device.type, CHECK_EVERY_DEVICE)
+        self.autocast, self.scaler = _precision(tc.precision, self.device)
+        self.micro_steps = max(1, int(getattr(backend, "backward_passes_per_step", 1) or 1))
+
+        # Position and history; all of it goes into a checkpoint.
+        self.epoch = 0            # epochs completed
+        self.step = 0             # optimizer steps taken
+        self.batch_in_epoch = 0   # steps taken in the current, unfinished epoch
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.rows: list[dict] = []
+        self.elapsed_before = 0.0  # wall time of earlier attempts of this run
+        self.train_sums = MetricSums(self.task, self.device)
+        self._best_state: Optional[dict] = None
+        self._pending_losses: list[torch.Tensor] = []
+        self._lr: Optional[float] = None
+        self._samples = 0
+        self._train_time = 0.0
+        self._last_ckpt_time = time.monotonic()
+        self._show_progress = backend.is_root and sys.stderr.isatty()
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self) -> FitResult:
+        t0 = time.monotonic()
+        self._t0 = t0
+        resumed = self._resume_or_seed()
+        self.backend.broadcast_state(self.model, self.optimizer)
+        self._write_state("running", f"resumed from {resumed}" if resumed else "")
+        if self.overfit_batches:
+            self._overfit_start = self._evaluate(self.val_loader, "val")["val_loss"]
+        outcome, message = self._run_epochs()
+        result = FitResult(outcome, self.epoch, self.step, self.best_metric, self.best_epoch, message,
+                           resumed_from=resumed)
+        if outcome == "done" and self.overfit_batches:
+            result.overfit_passed, result.message = self._overfit_verdict()
+            self.log(result.message)
+        if outcome == "done" and self.test_loader is not None and self.cfg.train.evaluate_test:
+            result.test_metrics = self._evaluate_best_on_test()
+        result.wall_time_s = time.monotonic() - t0
+        result.samples_per_s = self._samples * self.backend.size / self._train_time if self._train_time else None
+        self._write_state(outcome, result.message, result)
+        return result
+
+    def _run_epochs(self) -> tuple[str, str]:
+        tc = self.cfg.train
+        if self.early.stopped:
+            return "done", f"early stopping had already stopped the run at epoch {self.epoch}"
+        while self.epoch < tc.epochs and not self._max_steps_reached():
+            event, detail = self._train_epoch()
+            if event == "diverged":
+                return "diverged", detail
+            if event == "stop":
+                self._save(last=True)
+                where = f"epoch {self.epoch + 1}, step {self.step}"
+                return "preempted", f"stopped by {detail} at {where}; saved last.pt"
+            diverged, stop_early, passed = self._end_epoch()
+            if diverged:
+                return "diverged", diverged
+            if passed:
+                break
+            if stop_early:
+                return "done", (f"early stopping at epoch {self.epoch}: {self.monitor} did not improve for "
+                                f"{self.early.patience} epochs (best {self.best_metric:.6g} at epoch {self.best_epoch})")
+        if self._max_steps_reached():
+            return "done", f"reached train.max_steps={tc.max_steps} at epoch {self.epoch}"
+        return "done", f"finished {self.epoch} epochs"
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _train_epoch(self) -> tuple[Optional[str], str]:
+        """Steps until the loader is exhausted or an event: (None | stop | diverged | max_steps, detail)."""
+        loader = self.train_loader
+        if self.batch_in_epoch == 0:
+            loader.set_epoch(self.epoch)
+            self.train_sums = MetricSums(self.task, self.device)
+        self.model.train()
+        n_batches = len(loader)
+        t_start = time.monotonic()
+        samples = 0
+        event, detail = None, ""
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                samples += self._train_step(batch)
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self._show_progress:
+                    self._progress(n_batches)
+                event, detail = self._step_boundary()
+                if event:
+                    break
+        finally:
+            _close(batches)  # a prefetching loader stops its reader thread
+        elapsed = time.monotonic() - t_start
+        self._samples += samples
+        self._train_time += elapsed
+        self._epoch_train_time = elapsed
+        self._epoch_samples = samples
+        if self._show_progress:
+            sys.stderr.write("\r\033[K")
+        if event in (None, "max_steps"):
+            bad = self._divergence()         # the steps since the last check
+            if self._agree(False, bad, False)[1]:
+                return "diverged", bad or f"loss is not finite on another rank in epoch {self.epoch + 1}"
+            return None, ""
+        return event, detail
+
+    def _train_step(self, batch) -> int:
+        x, y, w = batch.x, batch.y, batch.w
+        if x.device != self.device:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            w = None if w is None else w.to(self.device, non_blocking=True)
+        lr = self.schedule.lr_at(self.step, self.epoch)
+        if lr != self._lr:
+            set_lr(self.optimizer, lr)
+            self._lr = lr
+        self.optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no arguments
+        if self.micro_steps == 1:
+            out, loss, den = self._forward_backward(x, y, w, 1, True)
+        else:
+            out, loss, den = self._accumulate(x, y, w)
+        self._clip_and_step()
+        if self.cfg.optim.max_norm:
+            apply_max_norm(self.weights, self.cfg.optim.max_norm)
+        self.train_sums.add(out, y, loss, den)
+        self._pending_losses.append(loss.detach())
+        return len(x)
+
+    def _forward_backward(self, x, y, w, parts: int, last: bool):
+        """Forward and backward of one (micro-)batch; the loss is divided by ``parts``."""
+        with self.backend_context(last):
+            with self.autocast():
+                out = self.model(x)
+            loss, den = self.loss_fn(out.float(), y, w)
+            total = loss
+            if self.cfg.optim.l1 or self.cfg.optim.l2:
+                total = loss + weight_penalty(self.weights, self.cfg.optim.l1, self.cfg.optim.l2)
+            if parts > 1:
+                total = total / parts
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
+        return out, loss, den
+
+    def _accumulate(self, x, y, w):
+        """dist.backward_passes_per_step > 1: the batch in equal micro-batches, one backward
+        pass each, gradients averaged; the step count per epoch does not change."""
+        k = min(self.micro_steps, len(x))
+        chunks = list(zip(x.chunk(k), y.chunk(k), w.chunk(k) if w is not None else [None] * k))
+        outs, nums, dens = [], [], []
+        for i, (xc, yc, wc) in enumerate(chunks):
+            out, loss, den = self._forward_backward(xc, yc, wc, len(chunks), i == len(chunks) - 1)
+            outs.append(out.detach())
+            nums.append(loss.detach() * den)
+            dens.append(den)
+        den = sum(dens)
+        return torch.cat(outs), torch.stack(nums).sum() / den, den
+
+    def backend_context(self, last: bool):
+        ctx = getattr(self.backend, "accumulation_context", None)
+        if ctx is None or self.micro_steps == 1:
+            return contextlib.nullcontext()
+        return ctx(self.model, is_last_micro_step=last)
+
+    def _clip_and_step(self) -> None:
+        clip = self.cfg.optim.grad_clip
+        opt = self.optimizer
+        if clip is None:
+            if self.scaler is not None:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if hasattr(opt, "skip_synchronize"):
+            # Horovod: clip the averaged gradients, then step without a second allreduce.
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+            with opt.skip_synchronize():
+                self._step_optimizer()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+            self._step_optimizer()
+
+    def _step_optimizer(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _step_boundary(self) -> tuple[Optional[str], str]:
+        """Decide, the same way on every rank, whether to stop, checkpoint or go on."""
+        tc = self.cfg.train
+        bad = self._divergence() if len(self._pending_losses) >= self.check_every else None
+        stop = bool(self.stop_flag is not None and self.stop_flag.requested)
+        due = ((tc.checkpoint_every_steps is not None and self.step % tc.checkpoint_every_steps == 0)
+               or time.monotonic() - self._last_ckpt_time >= tc.checkpoint_every_s)
+        stop, diverged, due = self._agree(stop, bad, due)
+        if diverged:
+            return "diverged", bad or f"loss is not finite on another rank at epoch {self.epoch + 1}, step {self.step}"
+        if stop:
+            return "stop", getattr(self.stop_flag, "signal_name", None) or "a stop request"
+        if due and self.batch_in_epoch < len(self.train_loader):
+            self._save(last=True)
+        if self._max_steps_reached():
+            return "max_steps", ""
+        return None, ""
+
+    def _divergence(self) -> Optional[str]:
+        """A message naming the first non-finite loss since the last check, else None."""
+        if not self._pending_losses:
+            return None
+        losses = self._pending_losses
+        self._pending_losses = []
+        if len(losses) == 1:
+            value = losses[0].item()
+            if math.isfinite(value):
+                return None
+            index = 0
+        else:
+            stacked = torch.stack(losses)
+            finite = torch.isfinite(stacked)
+            if bool(finite.all()):
+                return None
+            index = int((~finite).nonzero()[0])
+            value = stacked[index].item()
+        step = self.step - len(losses) + index + 1
+        batch = self.batch_in_epoch - len(losses) + index + 1
+        return (f"loss became {value} at epoch {self.epoch + 1}, step {step} (batch {batch} of the epoch): "
+                f"training diverged; try a lower optim.lr, optim.grad_clip or a warmup")
+
+    def _agree(self, stop: bool, bad: Optional[str], due: bool) -> tuple[bool, bool, bool]:
+        """OR the flags over ranks (a single small allreduce; nothing in one process)."""
+        flags = (bool(stop), bad is not None, bool(due))
+        if self.backend.size == 1:
+            return flags
+        summed = self.backend.allreduce_sum(torch.tensor(flags, dtype=torch.float64))
+        return tuple(bool(v > 0) for v in summed.tolist())
+
+    # ------------------------------------------------------------------ end of epoch
+
+    def _end_epoch(self) -> tuple[Optional[str], bool, bool]:
+        """Metrics, schedule, best and early stopping, files; (diverged message, stop early, overfit passed)."""
+        metrics = self.train_sums.compute(self.backend, "train")
+        if self.val_loader is not None:
+            metrics.update(self._evaluate(self.val_loader, "val"))
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        for key in ("train_loss", "val_loss"):
+            if key in metrics and not math.isfinite(metrics[key]):
+                return (f"{key} is {metrics[key]} at epoch {self.epoch}, step {self.step}: training diverged; "
+                        f"try a lower optim.lr or optim.grad_clip"), False, False
+        value = metrics[self.monitor]
+        self.schedule.epoch_end(value)
+        improved = self._is_better(value)
+        if improved:
+            self.best_metric, self.best_epoch = value, self.epoch
+            self._best_state = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        stop_early = self.early.update(value)
+        row = {"epoch": self.epoch, "step": self.step, "lr": self._lr if self._lr is not None else 0.0}
+        row.update(_ordered(metrics, self.metric_keys, has_val=self.val_loader is not None))
+        self.rows.append(row)
+        passed = bool(self.overfit_batches) and self._overfit_reached(metrics)
+        final = (self.epoch >= self.cfg.train.epochs or stop_early or passed or self._max_steps_reached())
+        elapsed = self.elapsed_before + time.monotonic() - self._t0
+        self._write_epoch_files(f"{self.epoch},{self._epoch_train_time:.4f},{self._epoch_speed():.1f},{elapsed:.3f}")
+        last_due = (self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or final
+                    or time.monotonic() - self._last_ckpt_time >= self.cfg.train.checkpoint_every_s)
+        self._save(last=last_due, best=improved)
+        self._log_epoch(metrics)
+        self._write_state("running")
+        return None, stop_early, passed
+
+    def _is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value < self.best_metric if self.mode == "min" else value > self.best_metric
+
+    @torch.no_grad()
+    def _evaluate(self, loader, prefix: str) -> dict[str, float]:
+        """Loss and metrics of a split over every rank, in eval mode (no dropout, running BN stats)."""
+        was_training = self.model.training
+        self.model.eval()
+        sums = MetricSums(self.task, self.device)
+        loader.set_epoch(0)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                x, y, w = batch.x.to(self.device), batch.y.to(self.device), batch.w
+                w = None if w is None else w.to(self.device)
+                with self.autocast():
+                    out = self.model(x)
+                loss, den = self.loss_fn(out.float(), y, w)
+                sums.add(out.float(), y, loss, den)
+        finally:
+            _close(batches)
+        self.model.train(was_training)
+        return sums.compute(self.backend, prefix)
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    def _payload(self) -> dict:
+        """The checkpoint of this moment. A collective: every rank calls it (per-rank parts are gathered)."""
+        mid_epoch = self.batch_in_epoch > 0
+        per_rank = {"rng": rng_state(), "train_sums": self.train_sums.state_dict() if mid_epoch else None}
+        gathered = gather_objects(self.backend, per_rank)
+        payload = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "early_stopping": self.early.state_dict(),
+            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "lr": self._lr,
+            "loader": self.train_loader.state_dict(),
+            "rng": [g["rng"] for g in gathered],
+            "train_sums": [g["train_sums"] for g in gathered] if mid_epoch else None,
+            "metrics": copy.deepcopy(self.rows),
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch, "monitor": self.monitor},
+            "world_size": self.backend.size,
+            "elapsed_s": self.elapsed_before + time.monotonic() - self._t0,
+            "config": base_dict(self.cfg),
+            "model_meta": _plain(self.model_meta),
+        }
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        return payload
+
+    def _save(self, last: bool = False, best: bool = False) -> None:
+        if last:
+            self._last_ckpt_time = time.monotonic()
+        if not (last or best) or self.run_dir is None:
+            return
+        payload = self._payload()
+        if not self.backend.is_root:
+            return
+        data = ckpt.serialize(payload)
+        folder = self.run_dir / "checkpoints"
+        if best:
+            ckpt.write_checkpoint(folder / ckpt.BEST, data)
+        if last:
+            ckpt.write_checkpoint(folder / ckpt.LAST, data, keep_previous=True)
+
+    def _resume_or_seed(self) -> Optional[str]:
+        """Load the newest good checkpoint of run_dir (rank 0 reads, every rank receives it),
+        or seed the RNGs for a fresh run. Returns the checkpoint's file name or None."""
+        name, payload = None, None
+        if self.run_dir is not None:
+            if self.backend.is_root:
+                (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                name, payload, _ = ckpt.load_latest(self.run_dir / "checkpoints", log=self.log)
+            if self.backend.size > 1:
+                name, payload = self.backend.broadcast_object((name, payload))
+        if payload is None:
+            seed_all(self.cfg.seed + 1000 * (self.backend.rank + 1))
+            return None
+        self._restore(payload)
+        self.log(f"resumed from {name}: epoch {self.epoch}, step {self.step}"
+                 + (f" (batch {self.batch_in_epoch} of epoch {self.epoch + 1})" if self.batch_in_epoch else ""))
+        return name
+
+    def _restore(self, p: dict) -> None:
+        self.raw_model.load_state_dict(p["model"])
+        self.optimizer.load_state_dict(p["optimizer"])
+        self.schedule.load_state_dict(p["scheduler"])
+        self.early.load_state_dict(p["early_stopping"])
+        if self.scaler is not None and "scaler" in p:
+            self.scaler.load_state_dict(p["scaler"])
+        self.epoch, self.step, self.batch_in_epoch = int(p["epoch"]), int(p["step"]), int(p["batch_in_epoch"])
+        self.best_metric, self.best_epoch = p["best"]["metric"], p["best"]["epoch"]
+        self._lr = p.get("lr")   # the optimizer's param groups hold it too (loaded above)
+        self.rows = list(p["metrics"])
+        self.elapsed_before = float(p.get("elapsed_s", 0.0))
+        same_world = int(p["world_size"]) == self.backend.size
+        if not same_world:
+            self.log(f"warning: the checkpoint was written by {p['world_size']} ranks, this run has "
+                     f"{self.backend.size}; the resumed run is not bit-identical to an uninterrupted one")
+        rank = self.backend.rank
+        if same_world:
+            set_rng_state(p["rng"][rank])
+        else:
+            seed_all(self.cfg.seed + 1000 * (rank + 1) + self.step)
+        self.train_sums = MetricSums(self.task, self.device)
+        if self.batch_in_epoch:
+            self.train_loader.load_state_dict(p["loader"])
+            parts = p["train_sums"]
+            if same_world:
+                self.train_sums.load_state_dict(parts[rank])
+            elif rank == 0:
+                self.train_sums.load_state_dict(_merge_sums(parts))
+        self._write_epoch_files()  # drops rows of epochs after the checkpoint
+
+    # ------------------------------------------------------------------ files and state
+
+    def _write_epoch_files(self, timing_line: Optional[str] = None) -> None:
+        """metrics.csv from the rows (so a resume rewrites exactly the rows of its checkpoint)
+        and timing.csv without rows past the current epoch, plus ``timing_line`` for it."""
+        if self.run_dir is None or not self.backend.is_root:
+            return
+        atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(self.rows))
+        timing = self.run_dir / "timing.csv"
+        keep_upto = self.epoch - 1 if timing_line else self.epoch
+        lines = [ln for ln in _read_lines(timing)[1:] if ln and int(ln.split(",")[0]) <= keep_upto]
+        if timing_line:
+            lines.append(timing_line)
+        atomic_write_text(timing, ",".join(TIMING_COLUMNS) + "\n" + "".join(ln + "\n" for ln in lines))
+
+    def _epoch_speed(self) -> float:
+        t = self._epoch_train_time
+        return self._epoch_samples * self.backend.size / t if t else 0.0
+
+    def _write_state(self, status: str, message: str = "", result: Optional[FitResult] = None) -> None:
+        if self.run_dir is None or not self.backend.is_root:
+            return
+        state = read_state(self.run_dir) or RunState()
+        state.status = status
+        if message or status != "running":
+            state.message = message
+        state.epoch, state.total_epochs, state.step = self.epoch, self.cfg.train.epochs, self.step
+        state.best_metric, state.best_epoch, state.monitor = self.best_metric, self.best_epoch, self.monitor
+        state.world_size, state.backend = self.backend.size, self.backend.name
+        if state.started_at is None:
+            state.started_at = time.time()
+        state.wall_time_s = self.elapsed_before + time.monotonic() - self._t0
+        if self._train_time:
+            state.samples_per_s = self._samples * self.backend.size / self._train_time
+        if result is not None and result.test_metrics:
+            state.test = dict(result.test_metrics)
+        write_state(self.run_dir, state)
+
+    def _log_epoch(self, metrics: dict) -> None:
+        if not self.backend.is_root:
+            return
+        split = "val" if self.val_loader is not None else "train"
+        parts = [f"epoch {self.epoch}/{self.cfg.train.epochs}", f"train_loss {metrics['train_loss']:.4f}"]
+        if "val_loss" in metrics:
+            parts.append(f"val_loss {metrics['val_loss']:.4f}")
+        parts += [f"{split}_{m} {metrics[f'{split}_{m}']:.4f}" for m in self.metric_keys]
+        elapsed = self.elapsed_before + time.monotonic() - self._t0
+        parts += [f"lr {self._lr or 0.0:.3g}", f"{self._epoch_speed():,.0f} samples/s", f"{elapsed:.1f}s"]
+        self.log("  ".join(parts))
+
+    def _progress(self, n_batches: int) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_progress_at", 0.0) < 0.25 and self.batch_in_epoch < n_batches:
+            return
+        self._progress_at = now
+        done = self.batch_in_epoch / max(1, n_batches)
+        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+        loss = self._pending_losses[-1].item() if self._pending_losses else float("nan")
+        sys.stderr.write(f"\r  epoch {self.epoch + 1} [{bar}] {self.batch_in_epoch}/{n_batches} loss {loss:.4f}")
+        sys.stderr.flush()
+
+    # ------------------------------------------------------------------ test split and overfit check
+
+    def _evaluate_best_on_test(self) -> dict[str, float]:
+        state = self._best_state
+        if state is None and self.run_dir is not None and self.best_epoch is not None:
+            payload = None
+            if self.backend.is_root:
+                _, payload, _ = ckpt.load_latest(self.run_dir / "checkpoints", names=(ckpt.BEST,), log=self.log)
+            if self.backend.size > 1:
+                payload = self.backend.broadcast_object(payload)
+            state = payload["model"] if payload is not None else None
+        if state is not None:
+            self.raw_model.load_state_dict(state)
+        else:
+            self.log("warning: no best checkpoint; the test split is evaluated with the final weights")
+        metrics = self._evaluate(self.test_loader, "test")
+        if self.backend.is_root:
+            self.log("test  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _overfit_reached(self, metrics: dict) -> bool:
+        if self.task == "regression":
+            return metrics["val_loss"] <= 0.01 * getattr(self, "_overfit_start", float("inf"))
+        return metrics["val_accuracy"] >= 0.99
+
+    def _overfit_verdict(self) -> tuple[bool, str]:
+        last = self.rows[-1] if self.rows else {}
+        passed = bool(last) and self._overfit_reached(last)
+        rows = sum(len(b.x) for b in self.train_loader.batches)
+        what = (f"loss {last.get('val_loss', float('nan')):.4g} (from {getattr(self, '_overfit_start', float('nan')):.4g})"
+                + (f", accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""))
+        head = f"overfit check on {self.overfit_batches} fixed batches ({rows} rows) after {self.epoch} epochs: {what}"
+        if passed:
+            return True, f"{head}: passed, the model and training loop can fit the data"
+        target = "loss below 1% of its start" if self.task == "regression" else "accuracy >= 0.99"
+        return False, (f"{head}: FAILED to reach {target}; check labels, the loss, the learning rate "
+                       f"and the model size, or train more epochs")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    """metrics.csv text: exact float reprs, so equal numbers always give equal bytes."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = [",".join(columns)]
+    lines += [",".join(_cell(row.get(c)) for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _ordered(metrics: dict, keys: tuple[str, ...], has_val: bool) -> dict:
+    out = {"train_loss": metrics["train_loss"], **{f"train_{k}": metrics[f"train_{k}"] for k in keys}}
+    if has_val:
+        out["val_loss"] = metrics["val_loss"]
+        out.update({f"val_{k}": metrics[f"val_{k}"] for k in keys})
+    return out
+
+
+def _close(iterator) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _fixed_batches(loader, n: int) -> FixedBatches:
+    loader.set_epoch(0)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    return FixedBatches(batches, getattr(loader, "meta", None))
+
+
+def _merge_sums(parts: list[dict]) -> dict:
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _plain(obj: Any) -> Any:
+    """Model meta as plain types (numpy arrays and scalars become lists and floats)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _precision(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+# ---------------------------------------------------------------------- RNG and gathering
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch and CUDA generator states as plain types and tensors."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def gather_objects(backend, obj: Any) -> list:
+    """Every rank's ``obj`` (plain types and tensors), in rank order, on every rank.
+
+    Built on ``allreduce_sum`` alone: each rank serialises its object and writes the bytes
+    into its own slice of a zero vector; the sum is every rank's bytes side by side.
+    """
+    if backend.size == 1:
+        return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    sizes = torch.zeros(backend.size, dtype=torch.float64)
+    sizes[backend.rank] = len(data)
+    sizes = backend.allreduce_sum(sizes).to(torch.int64).tolist()
+    offsets = [sum(sizes[:r]) for r in range(backend.size)]
+    full = torch.zeros(sum(sizes), dtype=torch.float64)
+    full[offsets[backend.rank]:offsets[backend.rank] + len(data)] = data.to(torch.float64)
+    full = backend.allreduce_sum(full).to(torch.uint8)
+    return [torch.load(io.BytesIO(full[o:o + s].numpy().tobytes()), weights_only=True)
+            for o, s in zip(offsets, sizes)]

@@ -1,0 +1,161 @@
+"""Learning-rate range test (Smith 2015; the "LR finder" of fastai).
+
+Train a copy of the model for a short run while the learning rate grows exponentially
+from ``start_lr`` to ``end_lr``; record the loss of every step and an exponentially
+smoothed (bias-corrected) version of it; stop when the smoothed loss exceeds
+``blowup`` x its minimum, or is not finite. The suggested learning rate is a tenth of the
+LR where the loss blew up (or, when it never did, a tenth of the LR of the lowest
+smoothed loss): a value still on the steep, stable part of the curve.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import OptimConfig
+from .optim import build_optimizer, set_lr
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    blowup_lr: Optional[float] = None     # LR of the step that ended the test, None if it never blew up
+    min_loss_lr: Optional[float] = None   # LR of the lowest smoothed loss
+    suggestion: Optional[float] = None
+
+    def table(self, rows: int = 20) -> str:
+        """Every k-th step as a text table (the last step always included)."""
+        n = len(self.lrs)
+        if not n:
+            return "no steps were taken"
+        stride = max(1, math.ceil(n / rows))
+        picks = sorted(set(range(0, n, stride)) | {n - 1})
+        lines = [f"{'step':>5}  {'lr':>10}  {'loss':>10}  {'smoothed':>10}"]
+        for i in picks:
+            lines.append(f"{i:>5}  {self.lrs[i]:>10.3e}  {self.losses[i]:>10.4g}  {self.smoothed[i]:>10.4g}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        if self.suggestion is None:
+            return "no suggestion: the test took too few steps"
+        basis = (f"a tenth of {self.blowup_lr:.3g}, where the loss blew up" if self.blowup_lr is not None
+                 else f"a tenth of {self.min_loss_lr:.3g}, the LR of the lowest loss (the loss never blew up; "
+                      f"try a larger --end-lr)")
+        return f"suggested learning rate: {self.suggestion:.3g} ({basis})"
+
+    def write_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "lr", "loss", "smoothed"])
+            for i, row in enumerate(zip(self.lrs, self.losses, self.smoothed)):
+                w.writerow([i, *(repr(float(v)) for v in row)])
+
+    def plot(self, path: str | Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        try:
+            ax.plot(self.lrs, self.losses, color="0.75", lw=1, label="loss")
+            ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed loss")
+            if self.suggestion is not None:
+                ax.axvline(self.suggestion, color="C2", ls="--", label=f"suggested lr {self.suggestion:.2g}")
+            if self.blowup_lr is not None:
+                ax.axvline(self.blowup_lr, color="C3", ls=":", label=f"blow-up {self.blowup_lr:.2g}")
+            finite = [v for v in self.smoothed if math.isfinite(v)]
+            if finite:
+                ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), min(max(finite), 4.5 * min(finite) + 1e-12))
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("training loss")
+            ax.set_title("learning-rate range test")
+            ax.legend(loc="best", fontsize=8)
+            fig.tight_layout()
+            fig.savefig(path)
+        finally:
+            plt.close(fig)
+
+
+def _batches(loader):
+    """Batches of the loader, epoch after epoch, for as long as they are wanted."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        empty = True
+        it = iter(loader)
+        try:
+            for batch in it:
+                empty = False
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()   # a prefetching loader stops its reader thread
+        if empty:
+            raise ValueError("the loader yields no batches")
+        epoch += 1
+
+
+def lr_range_test(model: torch.nn.Module, loss_fn: Callable, loader, backend, optim_cfg: OptimConfig, *,
+                  start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, smoothing: float = 0.9,
+                  blowup: float = 4.0, log: Callable[[str], None] = print) -> LRFindResult:
+    """Run the range test on a copy of ``model`` (the model itself is not changed)."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"expected 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    trial = copy.deepcopy(model).to(backend.device)
+    cfg = copy.deepcopy(optim_cfg)
+    cfg.lr = start_lr
+    net, optimizer = backend.wrap(trial, build_optimizer(cfg, trial.parameters()))
+    backend.broadcast_state(net, optimizer)
+    net.train()
+    result = LRFindResult()
+    avg, best = 0.0, math.inf
+    ratio = end_lr / start_lr
+    batches = _batches(loader)
+    for i in range(steps):
+        lr = start_lr * ratio ** (i / (steps - 1))
+        set_lr(optimizer, lr)
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        out = net(batch.x.to(backend.device))
+        w = None if batch.w is None else batch.w.to(backend.device)
+        loss, _ = loss_fn(out.float(), batch.y.to(backend.device), w)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if backend.size > 1:   # every rank takes the same decision on the same mean loss
+            value = float(backend.allreduce_sum(torch.tensor([value], dtype=torch.float64))[0]) / backend.size
+        avg = smoothing * avg + (1 - smoothing) * value
+        smooth = avg / (1 - smoothing ** (i + 1))
+        result.lrs.append(lr)
+        result.losses.append(value)
+        result.smoothed.append(smooth)
+        if not math.isfinite(smooth) or (i > 0 and smooth > blowup * best):
+            result.blowup_lr = lr
+            break
+        if smooth < best:
+            best, result.min_loss_lr = smooth, lr
+    _close_loader_iteration(batches)
+    if result.blowup_lr is not None:
+        result.suggestion = result.blowup_lr / 10
+    elif result.min_loss_lr is not None:
+        result.suggestion = result.min_loss_lr / 10
+    return result
+
+
+def _close_loader_iteration(gen) -> None:
+    try:
+        gen.close()
+    except Exception:  # noqa: BLE001  closing a finished generator is never fatal
+        pass

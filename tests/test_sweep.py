@@ -120,7 +120,7 @@ def test_state_rejects_unknown_status_and_reads_corrupt_as_none(tmp_path):
 def test_state_records_slurm_job_id_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
-    write_state(tmp_path, RunState())
+    write_state(tmp_path, RunState(status="running"))
     assert read_state(tmp_path).slurm_job_id == "123_4"
 
 

@@ -22,8 +22,14 @@ say() { printf '[setup] %s\n' "$*"; }
 install_system_packages() {
   local missing=()
   command -v mpirun >/dev/null || missing+=(openmpi-bin)
-  [ -e /usr/include/x86_64-linux-gnu/openmpi ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include ] \
-    || dpkg -s libopenmpi-dev >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+  dpkg -s libopenmpi-dev >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+  if [ "$WITH_TEST" = 0 ]; then
+    # the demo needs only MPI, and only to run 2 ranks per grid point
+    if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt_install "${missing[@]}"
+    fi
+    return 0
+  fi
   command -v slurmctld >/dev/null || missing+=(slurm-wlm)
   command -v munged >/dev/null || missing+=(munge)
   command -v slurmdbd >/dev/null || missing+=(slurmdbd)
@@ -35,11 +41,14 @@ install_system_packages() {
     say "missing system packages: ${missing[*]} (install them as root, e.g. apt-get install ${missing[*]})"
     return 1
   fi
-  say "installing system packages: ${missing[*]}"
+  apt_install "${missing[@]}"
+}
+
+apt_install() {
+  say "installing system packages: $*"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d keeps the packages' services from starting: the tests start their own cluster.
-  apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get install -y -qq "$@" >/dev/null
 }
 
 make_venv() {
@@ -58,7 +67,7 @@ make_venv() {
   fi
 }
 
-[ $WITH_TEST = 1 ] && install_system_packages
+install_system_packages
 make_venv
 extras=""
 [ $WITH_TEST = 1 ] && extras="[test]"

@@ -102,10 +102,8 @@ def test_auto_logs_its_choice(horovod_run):
 @pytest.mark.slurm
 @pytest.mark.parametrize("backend, mpi, source", [("horovod", "pmix", "pmix"), ("torch", "pmix", "pmix"),
                                                   ("torch", "none", "slurm")])
-def test_under_srun(backend, mpi, source):
+def test_under_srun(backend, mpi, source, slurm_cluster):
     """srun --mpi=pmix (MPI wiring) and a plain srun step (torch rendezvous from the node list)."""
-    if not slurm_up():
-        pytest.skip("the local Slurm cluster is not running (scripts/local-slurm.sh)")
     out = run_srun("check_backend.py", backend, np=2, mpi=mpi)
     assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     found = results(out.stdout)

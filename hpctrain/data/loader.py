@@ -343,7 +343,6 @@ class _BatchProducer:
             if self.shuffle:
                 order = np.random.default_rng([self.seed, self.epoch, self.rank, k, _BUFFER_SALT]).permutation(n)
                 dest = _from_pool(self._batch_pool, lambda: self._arrays(self.buffer_rows, self.pin), n)
-            x, y, w = (None if a is None else torch.from_numpy(a) for a in dest)
             p = pos - lo
             while p < n:
                 end = min((pos // b + 1) * b, rows)  # where the batch holding ``pos`` ends
@@ -353,7 +352,11 @@ class _BatchProducer:
                         if out is not None:
                             # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
                             src.take(order[p:p + take], axis=0, out=out[p:p + take], mode="clip")
-                piece = self._standardize((x[p:p + take], y[p:p + take], None if w is None else w[p:p + take]))
+                # One tensor per batch, not views of one buffer tensor: views share autograd's
+                # version counter, and standardising the next batch in place would then
+                # invalidate the input the current step saved for its backward pass.
+                piece = self._standardize(tuple(None if a is None else torch.from_numpy(a[p:p + take])
+                                                for a in dest))
                 p, pos = p + take, pos + take
                 if pos < end:
                     pending.append(piece)

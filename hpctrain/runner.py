@@ -178,6 +178,9 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
         result = _fit(parts, run_dir, stop_flag, log, overfit_batches)
         if backend.is_root:
             log(f"run {spec.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
+        else:
+            # Every rank ends with the same status; only rank 0 writes it to state.json.
+            return RunState(status=result.status, message=result.message, index=spec.index, run_id=spec.run_id)
     except Exception as exc:  # a failed run must be recorded, whatever failed
         message = str(exc) if isinstance(exc, HpctrainError) else f"{type(exc).__name__}: {exc}"
         if is_root:

@@ -1,0 +1,116 @@
+"""`hpctrain run` end to end: HDF5 shards -> loader -> model -> trainer -> run files."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpi_scripts.launch import MPIRUN_ARGS, clean_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_config(tmp_path, extra=""):
+    path = tmp_path / "small.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: small
+        data:
+          path: {tmp_path / 'data'}
+          task: binary
+          batch_size: 64
+          synth: {{rows: 2000, features: 6, shards: 3}}
+        model: {{hidden: [16], dropout: 0.1}}
+        optim: {{name: adam, lr: 1e-2}}
+        train: {{epochs: 3}}
+        grid:
+          model.activation: [relu, tanh]
+    """) + textwrap.dedent(extra))
+    return path
+
+
+def hpctrain(*args, mpi_ranks=0, timeout=180):
+    cmd = [sys.executable, "-m", "hpctrain", *args]
+    if mpi_ranks:
+        cmd = ["mpirun", "-np", str(mpi_ranks), *MPIRUN_ARGS, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=clean_env())
+
+
+def run_dir(sweep: Path, index: int) -> Path:
+    records = [json.loads(l) for l in (sweep / "grid.jsonl").read_text().splitlines()]
+    return sweep / "runs" / records[index]["run_id"]
+
+
+def test_run_writes_every_file_of_a_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "--index", "1", "--sweep-dir", str(sweep))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rd = run_dir(sweep, 1)
+    state = json.loads((rd / "state.json").read_text())
+    assert state["status"] == "done" and state["epoch"] == 3 and state["index"] == 1
+    assert state["params"] == {"model.activation": "tanh"}
+    assert set(state["test"]) >= {"test_loss", "test_accuracy", "test_auc"}
+    rows = list(csv.DictReader((rd / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["val_accuracy"]) > 0.7  # the synthetic task is learnable
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(rd / "checkpoints" / name, weights_only=True)
+        assert ckpt["model_meta"]["n_features"] == 6 and len(ckpt["model_meta"]["mean"]) == 6
+    # the other grid point is laid out but untouched
+    assert json.loads((run_dir(sweep, 0) / "state.json").read_text())["status"] == "pending"
+    # running the finished point again resumes from its last checkpoint and changes nothing
+    before = (rd / "metrics.csv").read_bytes()
+    again = hpctrain("run", str(small_config(tmp_path)), "--index", "1", "--sweep-dir", str(sweep))
+    assert again.returncode == 0
+    assert (rd / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.mpi
+def test_run_under_mpirun_uses_two_ranks(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "dist.backend=torch", "--sweep-dir", str(sweep), mpi_ranks=2)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    state = json.loads((run_dir(sweep, 0) / "state.json").read_text())
+    assert (state["status"], state["world_size"], state["backend"]) == ("done", 2, "torch")
+    assert out.stdout.count("epoch 3/3") == 1  # only rank 0 reports
+
+
+def test_missing_dataset_fails_the_run_with_the_file_named(tmp_path):
+    cfg = small_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("  synth: {rows: 2000, features: 6, shards: 3}\n", ""))
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(cfg), "--sweep-dir", str(sweep))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(tmp_path / "data") in out.stderr
+    state = json.loads((run_dir(sweep, 0) / "state.json").read_text())
+    assert state["status"] == "failed" and str(tmp_path / "data") in state["message"]
+
+
+def test_task_mismatch_names_meta_json(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert hpctrain("run", str(small_config(tmp_path)), "--sweep-dir", str(sweep)).returncode == 0
+    cfg = small_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("  synth: {rows: 2000, features: 6, shards: 3}\n", ""))
+    out = hpctrain("run", str(cfg), "data.task=regression", "--sweep-dir", str(tmp_path / "s2"))
+    assert out.returncode == 2
+    assert "meta.json" in out.stderr and "'binary'" in out.stderr and "data.task is 'regression'" in out.stderr
+
+
+def test_diverging_run_is_recorded_and_exits_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "optim.name=sgd", "optim.lr=1e12", "optim.momentum=0.0",
+                   "--sweep-dir", str(sweep))
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = json.loads((run_dir(sweep, 0) / "state.json").read_text())
+    assert state["status"] == "diverged" and "epoch" in state["message"] and "step" in state["message"]
+
+
+def test_overfit_batches_reports_a_verdict(tmp_path):
+    out = hpctrain("run", str(small_config(tmp_path)), "train.epochs=30", "model.dropout=0.0",
+                   "--overfit-batches", "2", "--sweep-dir", str(tmp_path / "sweep"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "overfit" in out.stdout.lower()

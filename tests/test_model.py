@@ -62,7 +62,7 @@ def test_lsuv_gives_unit_variance_and_needs_a_batch():
         build_model(mc(hidden=[64, 64], init="lsuv", activation="tanh"), "binary", 20)
     m = build_model(mc(hidden=[64, 64], init="lsuv", activation="tanh"), "binary", 20, lsuv_batch=batch)
     captured = []
-    hooks = [l.register_forward_hook(lambda _m, _i, o: captured.append(float(o.var()))) for l in m.body
+    hooks = [l.register_forward_hook(lambda _m, _i, o: captured.append(float(o.detach().var()))) for l in m.body
              if isinstance(l, nn.Linear)]
     m(batch)
     for h in hooks:

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Data-parallel scaling: samples/s of the demo MLP on 1 rank against 2 ranks (1 thread each).
+
+Both runs go through the real Trainer and the real backend under mpirun, with the same
+per-rank batch and in-memory data, so the ratio shows what the gradient exchange and the
+per-step agreement between ranks cost. Goal: 2 ranks >= 1.7x one rank on a 2-core machine.
+
+    python scripts/bench/scaling.py [--backend torch|horovod] [--rows 65536] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from hpctrain.config import build_config
+    from hpctrain.data.memory import TensorLoader
+    from hpctrain.dist import make_backend
+    from hpctrain.model import build_model
+    from hpctrain.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    cfg = build_config({
+        "data": {"task": "binary", "batch_size": args.batch},
+        "model": {"hidden": [64, 64]}, "optim": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": args.epochs, "evaluate_test": False, "threads": 1},
+        "dist": {"backend": args.backend},
+    })
+    backend = make_backend(cfg.dist, device_preference="cpu", log=lambda m: None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.rows, 16, generator=gen)
+    y = (x[:, 0] - x[:, 1] > 0).long()
+    share = args.rows // backend.size  # each rank its share: the global epoch is the same size
+    mine = slice(backend.rank * share, (backend.rank + 1) * share)
+    train = TensorLoader(x[mine], y[mine], batch_size=args.batch, split="train", seed=backend.rank)
+    val = TensorLoader(x[:1024], y[:1024], batch_size=1024, split="val", rank=backend.rank,
+                       world_size=backend.size)
+    model = build_model(cfg.model, "binary", 16)
+    result = Trainer(cfg, model, train, val, backend, run_dir=None, log=lambda m: None).fit()
+    if backend.is_root:
+        print("RESULT " + json.dumps({"ranks": backend.size, "samples_per_s": result.samples_per_s}), flush=True)
+    backend.shutdown()
+
+
+def launch(ranks: int, args: argparse.Namespace) -> float:
+    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "core", sys.executable, __file__, "--worker",
+           "--backend", args.backend if ranks > 1 else "none", "--rows", str(args.rows),
+           "--batch", str(args.batch), "--epochs", str(args.epochs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, **MPI_ENV))
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])["samples_per_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="torch", choices=("torch", "horovod"))
+    p.add_argument("--rows", type=int, default=131072)
+    p.add_argument("--batch", type=int, default=256, help="per-rank batch")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    one, two = [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        one.append(launch(1, args))
+        two.append(launch(2, args))
+    best1, best2 = max(one), max(two)
+    print(f"demo MLP 16-64-64-1, batch {args.batch} per rank, Adam, 1 thread per rank, backend {args.backend}")
+    print(f"1 rank : {best1:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in one)})")
+    print(f"2 ranks: {best2:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in two)})")
+    print(f"speed-up 2 ranks / 1 rank: {best2 / best1:.2f}x  (goal >= 1.7x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ INITS = ("auto", "he", "glorot", "lecun", "lsuv")
 OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "rmsprop", "adagrad")
 SCHEDULES = ("none", "step", "power", "exponential", "cosine", "onecycle", "plateau")
 LOSSES = ("auto", "mse", "mae", "huber", "bce", "ce")
-BACKENDS = ("auto", "none", "horovod", "torch")
+BACKENDS = ("auto", "none", "horovod", "torch", "mpi")
 SLURM_WORD = r"^[A-Za-z0-9_.,:+@%=-]+$"  # partition/account/qos names: no spaces, no shell metacharacters
 SLURM_CONSTRAINT = r"^[A-Za-z0-9_.,:+@%=&|()\[\]*-]+$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -156,6 +156,7 @@ class DistConfig:
     timeout_s: float = spec(300.0, gt=0.0, help="collective timeout before a run is failed")
     fp16_compression: bool = spec(False)
     backward_passes_per_step: int = spec(1, ge=1)
+    sync_every_steps: int = spec(8, ge=1, help="ranks agree on stop, checkpoint and divergence every N steps")
 
 
 @dataclass

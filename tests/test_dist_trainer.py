@@ -23,7 +23,7 @@ def two_ranks(tmp_path, backend, accumulate=1):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("backend", ["horovod", "torch"])
+@pytest.mark.parametrize("backend", ["horovod", "torch", "mpi"])
 def test_two_ranks_match_one_rank_with_double_batch(tmp_path, backend):
     one, two = single(tmp_path), two_ranks(tmp_path, backend)
     assert two["size"] == 2 and one["size"] == 1

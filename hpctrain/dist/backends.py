@@ -577,9 +577,13 @@ def make_backend(dist_cfg: Any, device_preference: str = "auto", log: Log = prin
             raise ConfigError("dist.backend: 'horovod' but horovod.torch does not import; "
                               "build it with scripts/install-horovod.sh, or use dist.backend torch")
         return HorovodBackend(dist_cfg, device_preference, log)
+    if choice == "mpi":
+        from .mpi import MpiBackend
+
+        return MpiBackend(dist_cfg, device_preference, log)
     if choice == "torch":
         if env.world_size == 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
             log("dist.backend torch with one process: using the single-process backend")
             return NoneBackend(dist_cfg, device_preference, log)
         return TorchBackend(dist_cfg, device_preference, log, env=env)
-    raise ConfigError(f"dist.backend: {choice!r} is not allowed; expected one of: auto, none, horovod, torch")
+    raise ConfigError(f"dist.backend: {choice!r} is not allowed; expected one of: auto, none, horovod, torch, mpi")

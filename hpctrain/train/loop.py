@@ -352,6 +352,8 @@ class Trainer:
     def _step_boundary(self) -> tuple[Optional[str], str]:
         """Decide, the same way on every rank, whether to stop, checkpoint or go on."""
         tc = self.cfg.train
+        if self.backend.size > 1 and not self._sync_step():
+            return None, ""
         bad = self._divergence() if len(self._pending_losses) >= self.check_every else None
         stop = bool(self.stop_flag is not None and self.stop_flag.requested)
         due = ((tc.checkpoint_every_steps is not None and self.step % tc.checkpoint_every_steps == 0)
@@ -366,6 +368,15 @@ class Trainer:
         if self._max_steps_reached():
             return "max_steps", ""
         return None, ""
+
+    def _sync_step(self) -> bool:
+        """Steps at which ranks agree on their flags: an allreduce each step would cost as much
+        as the gradient exchange. Every rank computes the same answer from the step count."""
+        every = self.cfg.train.checkpoint_every_steps
+        return (self.step % self.cfg.dist.sync_every_steps == 0
+                or self.batch_in_epoch >= len(self.train_loader)
+                or (every is not None and self.step % every == 0)
+                or self._max_steps_reached())
 
     def _divergence(self) -> Optional[str]:
         """A message naming the first non-finite loss since the last check, else None."""

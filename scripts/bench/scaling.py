@@ -5,7 +5,7 @@ Both runs go through the real Trainer and the real backend under mpirun, with th
 per-rank batch and in-memory data, so the ratio shows what the gradient exchange and the
 per-step agreement between ranks cost. Goal: 2 ranks >= 1.7x one rank on a 2-core machine.
 
-    python scripts/bench/scaling.py [--backend torch|horovod] [--rows 65536] [--repeats 3]
+    python scripts/bench/scaling.py [--backends mpi torch horovod] [--rows 131072] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def worker(args: argparse.Namespace) -> None:
     backend.shutdown()
 
 
-def launch(ranks: int, args: argparse.Namespace) -> float:
+def launch(ranks: int, args: argparse.Namespace, backend: str) -> float:
     cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "core", sys.executable, __file__, "--worker",
-           "--backend", args.backend if ranks > 1 else "none", "--rows", str(args.rows),
+           "--backend", backend, "--rows", str(args.rows),
            "--batch", str(args.batch), "--epochs", str(args.epochs)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, **MPI_ENV))
     if out.returncode != 0:
@@ -67,7 +67,8 @@ def launch(ranks: int, args: argparse.Namespace) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="torch", choices=("torch", "horovod"))
+    p.add_argument("--backend", default="mpi", choices=("mpi", "torch", "horovod", "none"))  # one worker's
+    p.add_argument("--backends", nargs="+", default=["mpi", "torch", "horovod"], choices=("mpi", "torch", "horovod"))
     p.add_argument("--rows", type=int, default=131072)
     p.add_argument("--batch", type=int, default=256, help="per-rank batch")
     p.add_argument("--epochs", type=int, default=2)
@@ -75,16 +76,19 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    one, two = [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-        one.append(launch(1, args))
-        two.append(launch(2, args))
-    best1, best2 = max(one), max(two)
-    print(f"demo MLP 16-64-64-1, batch {args.batch} per rank, Adam, 1 thread per rank, backend {args.backend}")
-    print(f"1 rank : {best1:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in one)})")
-    print(f"2 ranks: {best2:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in two)})")
-    print(f"speed-up 2 ranks / 1 rank: {best2 / best1:.2f}x  (goal >= 1.7x)")
-
+    one: list[float] = []
+    two: dict[str, list[float]] = {b: [] for b in args.backends}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
+        one.append(launch(1, args, "none"))
+        for backend in args.backends:
+            two[backend].append(launch(2, args, backend))
+    best1 = max(one)
+    print(f"demo MLP 16-64-64-1, batch {args.batch} per rank, Adam, 1 thread per rank, {args.rows} rows per epoch")
+    print(f"1 rank          : {best1:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in one)})")
+    for backend, values in two.items():
+        best2 = max(values)
+        print(f"2 ranks {backend:8s}: {best2:12,.0f} samples/s  (runs: {', '.join(f'{v:,.0f}' for v in values)})"
+              f"  speed-up {best2 / best1:.2f}x  (goal >= 1.7x)")
 
 if __name__ == "__main__":
     main()

@@ -95,4 +95,4 @@ def test_every_activation_trains_one_step(activation):
         loss = nn.functional.binary_cross_entropy_with_logits(m(x), y)
         loss.backward()
         opt.step()
-    assert math.isfinite(float(loss)) and float(loss) < float(before)
+    assert math.isfinite(loss.item()) and loss.item() < before.item()

@@ -32,7 +32,7 @@ BACKEND = _backend()
 
 def write_config(folder: Path, name: str, *, epochs=2, rows=2000, grid=None, backend="torch") -> Path:
     cfg = {"name": name, "seed": 0,
-           "data": {"path": str(folder / "data"), "task": "binary", "batch_size": 64, "prefetch": 0,
+           "data": {"path": str(folder / "data"), "task": "binary", "batch_size": 64,
                     "synth": {"rows": rows, "features": 8, "shards": 2, "seed": 0}},
            "model": {"hidden": [16]}, "optim": {"name": "adam", "lr": 0.01},
            "train": {"epochs": epochs, "threads": 1}, "dist": {"backend": backend},
@@ -115,6 +115,15 @@ def test_every_run_of_the_array_ends_done_with_metrics_and_checkpoints(finished_
         assert (run / "checkpoints" / "best.pt").stat().st_size > 0
     element_ids = {s["slurm_job_id"] for s in final.values()}
     assert len(element_ids) == 4  # one element per grid point, all of one array
+
+
+def test_dependent_collector_job_collects_the_sweep(finished_sweep):
+    _config, sweep, out = finished_sweep
+    assert "collector job" in out
+    wait_until(lambda: (sweep / "leaderboard.md").exists(), 180, "the collector job's leaderboard", poll=2)
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"done"}
+    assert (sweep / "best" / "best.pt").exists() and (sweep / "plots" / "loss.png").exists()
 
 
 def test_status_shows_every_run_and_counts(finished_sweep):

@@ -219,6 +219,7 @@ def submit_collector(cfg: Config, sweep: SweepDir, after: str) -> str:
     """``hpctrain collect`` once the array has ended, whatever the elements' outcome."""
     script = sweep.root / "slurm" / "collect.sbatch"
     atomic_write_text(script, render_collector_script(cfg, sweep_dir=sweep.root))
+    (sweep.root / "logs").mkdir(parents=True, exist_ok=True)  # Slurm does not create --output folders
     result = run_cmd(["sbatch", "--parsable", f"--dependency=afterany:{after}", str(script)], 60)
     if result.returncode != 0:
         raise HpctrainError(f"sbatch {script}: the collector job was not submitted: {result.stderr.strip()}")

@@ -7,7 +7,6 @@ and the launcher knows nothing of models; both meet here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import time
 import traceback

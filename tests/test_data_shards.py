@@ -182,3 +182,29 @@ def test_ensure_synthetic_race_between_processes(tmp_path):
     assert outputs == ["400"] * 3
     open_dataset(path)  # checks every shard
     assert [p.name for p in tmp_path.iterdir()] == ["raced"]  # the losers' copies are gone
+
+
+def test_compressed_dataset_reads_through_hdf5(tmp_path):
+    """Shards written by other tools may be compressed: no raw chunk offsets, HDF5 reads them."""
+    import os
+
+    import h5py
+
+    from hpctrain.data.shards import RowSource
+
+    rows = np.arange(5000 * 3, dtype=np.float32).reshape(5000, 3)
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("gz", data=rows, chunks=(256, 3), compression="gzip")
+        f.create_dataset("raw", data=rows, chunks=(256, 3))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with h5py.File(path, "r") as f:
+            for name, raw in (("gz", False), ("raw", True)):
+                source = RowSource(f[name], fd)
+                assert (source.offsets is not None) == raw
+                out = np.zeros((1000, 3), np.float32)
+                source.read(700, 1300, out[100:])
+                assert np.array_equal(out[100:700], rows[700:1300]) and not out[:100].any()
+    finally:
+        os.close(fd)

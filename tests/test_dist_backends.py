@@ -12,7 +12,7 @@ from hpctrain.config import DistConfig
 from hpctrain.dist import NoneBackend, make_backend
 from hpctrain.dist.backends import collective_failure_message, horovod_stall_settings
 from hpctrain.errors import ConfigError
-from mpi_scripts.launch import mpirun_available, results, run_mpi, run_srun, run_torchrun_style, slurm_up
+from mpi_scripts.launch import mpirun_available, results, run_mpi, run_srun, run_torchrun_style
 
 # Float32 round-off of a few steps on a tiny MLP; a wrong average (sum, or one rank's gradient) is > 1e-2.
 TOL = 1e-5

@@ -6,7 +6,7 @@ import pytest
 
 from hpctrain.dist.env import RankEnv, discover, expand_nodelist, expand_tasks_per_node, slurm_rendezvous_port
 from hpctrain.errors import HpctrainError
-from mpi_scripts.launch import clean_env, mpirun_available, results, run_mpi, run_srun, slurm_up
+from mpi_scripts.launch import clean_env, mpirun_available, results, run_mpi, run_srun
 
 # What a 2-task srun step on nodes gpu[07-08] shows task 1 (Slurm 22.05).
 SRUN_TASK_1 = {"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "4",

@@ -21,7 +21,7 @@ def _run(backend: str, mode: str):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("backend", ["torch", "horovod"])
+@pytest.mark.parametrize("backend", ["torch", "horovod", "mpi"])
 def test_dead_rank_fails_the_job(backend):
     out, elapsed, text = _run(backend, "die")
     assert "rank 1: die at step 3" in text and "finished all steps" not in text

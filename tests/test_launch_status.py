@@ -1,7 +1,6 @@
 """`hpctrain status` and run selection on a sweep folder (no cluster needed)."""
 from __future__ import annotations
 
-import json
 
 import yaml
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hpctrain.config import ModelConfig
-from hpctrain.model import BoundedOutput, build_model, count_parameters, lsuv_init, resolve_init
+from hpctrain.model import BoundedOutput, build_model, count_parameters, resolve_init
 
 
 def mc(**kw):

@@ -1,7 +1,6 @@
 """`hpctrain run` end to end: HDF5 shards -> loader -> model -> trainer -> run files."""
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -419,7 +419,7 @@ class RowSource:
         if n <= 0:
             return
         if self.offsets is None:
-            _read_rows(self.dset, start, stop, out)
+            self.dset.read_direct(out, np.s_[start:stop], np.s_[0:n])
             return
         raw = out[:n].reshape(-1).view(np.uint8)
         cr, rb = self.chunk_rows, self.row_bytes

@@ -21,8 +21,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 EXIT_PREEMPTED = 75

@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import random
 import statistics
 import sys

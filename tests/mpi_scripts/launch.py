@@ -39,16 +39,6 @@ def run_mpi(script: str, *args: str, np: int = 2, timeout: float = 60, env: dict
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=REPO)
 
 
-def slurm_up() -> bool:
-    """True when the local Slurm cluster answers (scripts/local-slurm.sh, SLURM_CONF exported)."""
-    if shutil.which("srun") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10, env=clean_env()).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def run_srun(script: str, *args: str, np: int = 2, mpi: str = "pmix", timeout: float = 90):
     cmd = ["srun", "-n", str(np), f"--mpi={mpi}", "--kill-on-bad-exit=1", "--time=3", PYTHON, str(HERE / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)

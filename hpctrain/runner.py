@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -163,10 +164,16 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
     """Train one grid point on this rank and return its final state."""
     from .dist import discover
 
-    run_dir = sweep.run_dir(spec.run_id)
     is_root = discover().rank == 0
-    if is_root:
-        sweep.prepare_run(spec)
+    if overfit_batches:
+        # A sanity check, not a result: it must neither resume from nor replace the run's files.
+        run_dir = sweep.root / "overfit" / spec.run_id
+        if is_root:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        run_dir = sweep.run_dir(spec.run_id)
+        if is_root:
+            sweep.prepare_run(spec)
     started = time.time()
     backend = None
     try:

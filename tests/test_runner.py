@@ -108,8 +108,12 @@ def test_diverging_run_is_recorded_and_exits_zero(tmp_path):
     assert state["status"] == "diverged" and "epoch" in state["message"] and "step" in state["message"]
 
 
-def test_overfit_batches_reports_a_verdict(tmp_path):
+def test_overfit_batches_reports_a_verdict_and_leaves_the_run_alone(tmp_path):
+    sweep = tmp_path / "sweep"
     out = hpctrain("run", str(small_config(tmp_path)), "train.epochs=30", "model.dropout=0.0",
-                   "--overfit-batches", "2", "--sweep-dir", str(tmp_path / "sweep"))
+                   "--overfit-batches", "2", "--sweep-dir", str(sweep))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "overfit" in out.stdout.lower()
+    run = run_dir(sweep, 0)
+    assert not (run / "metrics.csv").exists() and not (run / "checkpoints" / "last.pt").exists()
+    assert (sweep / "overfit" / run.name / "metrics.csv").exists()

@@ -73,9 +73,13 @@ def run_torchrun_style(script: str, *args: str, np: int = 2, timeout: float = 60
 
 def results(stdout: str) -> dict[int, dict]:
     """The `RESULT {json}` lines of every rank, by rank."""
+    # mpirun forwards every rank's stdout; a line of one rank may run into another rank's
+    # output, so each object is decoded where its marker starts, not line by line.
     found = {}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            data = json.loads(line[len("RESULT "):])
-            found[data["backend"]["rank"] if "backend" in data else data["rank"]] = data
+    decoder = json.JSONDecoder()
+    at = stdout.find("RESULT ")
+    while at >= 0:
+        data, end = decoder.raw_decode(stdout, at + len("RESULT "))
+        found[data["backend"]["rank"] if "backend" in data else data["rank"]] = data
+        at = stdout.find("RESULT ", end)
     return found

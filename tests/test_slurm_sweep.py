@@ -119,10 +119,11 @@ def test_every_run_of_the_array_ends_done_with_metrics_and_checkpoints(finished_
 def test_dependent_collector_job_collects_the_sweep(finished_sweep):
     _config, sweep, out = finished_sweep
     assert "collector job" in out
-    wait_until(lambda: (sweep / "leaderboard.md").exists(), 180, "the collector job's leaderboard", poll=2)
+    outputs = [sweep / "summary.csv", sweep / "leaderboard.md", sweep / "best" / "best.pt", sweep / "plots" / "loss.png"]
+    # The job writes them one after the other (each atomically): wait for the last of them.
+    wait_until(lambda: all(p.exists() for p in outputs), 180, "the collector job's outputs", poll=2)
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4 and {r["state"] for r in rows} == {"done"}
-    assert (sweep / "best" / "best.pt").exists() and (sweep / "plots" / "loss.png").exists()
 
 
 def test_status_shows_every_run_and_counts(finished_sweep):

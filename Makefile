@@ -1,5 +1,6 @@
 # make demo   set up .venv and run the demo sweep end to end on this machine
 # make test   set up .venv with everything the tests need (MPI, Slurm, Horovod) and run them
+#             (HPCTRAIN_REQUIRE_ALL=1: a test whose MPI, Slurm or Horovod is missing fails instead of skipping)
 PY := .venv/bin/python
 HPCTRAIN := .venv/bin/hpctrain
 
@@ -15,7 +16,7 @@ demo: setup
 	scripts/demo.sh
 
 test: setup-test
-	$(PY) -m pytest -q -ra
+	HPCTRAIN_REQUIRE_ALL=1 $(PY) -m pytest -q -ra
 
 clean:
 	rm -rf sweeps data/demo .pytest_cache

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from . import exitcodes
 from .errors import HpctrainError
 
 # name -> (module, one-line description)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except HpctrainError as e:
         print(f"hpctrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     except KeyboardInterrupt:
         print(f"hpctrain {args.command}: interrupted", file=sys.stderr)
         return 130

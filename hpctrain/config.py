@@ -173,6 +173,8 @@ class SlurmConfig:
     time_min: int = spec(60, ge=1)
     array_parallelism: int = spec(16, ge=1)
     signal_delay_s: int = spec(90, ge=0, help="seconds before the time limit the job is signalled")
+    preempt_signal: str = spec("USR2", choices=("USR1", "USR2"),
+                               help="signal that asks a job to checkpoint and requeue (NCCL may own USR1)")
     max_requeues: int = spec(3, ge=0)
     setup: list[str] = spec(default_factory=list, help="shell lines run before the job (module load ...)")
     srun_args: list[str] = spec(default_factory=list)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 
 from .config import Config
 from .errors import DataError, HpctrainError
-from .sweep import (FINAL_STATUSES, RunSpec, RunState, SweepDir, default_sweep_dir, expand, load_sweep,
-                    read_state, write_state)
+from .runstate import RunRecorder, RunState
+from .sweep import RunSpec, SweepDir, default_sweep_dir, expand, load_sweep
 from .config import read_raw
 
 Log = Callable[[str], None]
@@ -160,85 +160,64 @@ def _quiet(_msg: str) -> None:
 
 
 def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log = print,
-             overfit_batches: Optional[int] = None) -> RunState:
-    """Train one grid point on this rank and return its final state."""
+             overfit_batches: Optional[int] = None, job_id: Optional[str] = None) -> RunState:
+    """Train one grid point on this rank and return its final state (the same status on every rank).
+
+    ``job_id`` is the Slurm element running it, as the launch layer names it (None locally).
+    """
     from .dist import discover
 
     is_root = discover().rank == 0
-    if overfit_batches:
-        # A sanity check, not a result: it must neither resume from nor replace the run's files.
-        run_dir = sweep.root / "overfit" / spec.run_id
-        if is_root:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        run_dir = sweep.run_dir(spec.run_id)
-        if is_root:
-            sweep.prepare_run(spec)
+    recorder = _recorder(sweep, spec, overfit_batches, is_root)
     started = time.time()
     backend = None
     try:
         parts = build_parts(spec.config, log=log)
         backend = parts.backend
-        if backend.is_root:
-            _mark_running(run_dir, spec, backend)
-        result = _fit(parts, run_dir, stop_flag, log, overfit_batches)
-        if backend.is_root:
-            log(f"run {spec.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
-        else:
-            # Every rank ends with the same status; only rank 0 writes it to state.json.
-            return RunState(status=result.status, message=result.message, index=spec.index, run_id=spec.run_id)
-    except Exception as exc:  # a failed run must be recorded, whatever failed
-        message = str(exc) if isinstance(exc, HpctrainError) else f"{type(exc).__name__}: {exc}"
         if is_root:
-            _mark_failed(run_dir, spec, message, started)
+            recorder.running(total_epochs=spec.config.train.epochs, world_size=backend.size,
+                             backend=backend.name, job_id=job_id)
+        # An error from a collective inside a step (DDP's allreduce in backward, Horovod's in
+        # step) becomes a CollectiveError naming the rank that failed.
+        with backend.collective_errors():
+            result = _fit(parts, recorder, stop_flag, log, overfit_batches)
+        if is_root:
+            log(f"run {spec.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
+    except Exception as exc:  # a failed run must be recorded, whatever failed
+        plain = isinstance(exc, HpctrainError) or (backend is not None and backend.failure is not None)
+        message = str(exc) if plain else f"{type(exc).__name__}: {exc}"
+        if is_root:
+            recorder.failed(message, time.time() - started)
         if not isinstance(exc, HpctrainError):
             log(traceback.format_exc())
         raise
     finally:
         if backend is not None:
             backend.shutdown()
-    return read_state(run_dir) or RunState(status="failed", message="state.json unreadable after the run")
+    if is_root:
+        return recorder.read() or RunState(status="failed", message="state.json unreadable after the run")
+    return RunState(status=result.status, message=result.message, index=spec.index, run_id=spec.run_id)
 
 
-def _fit(parts: Parts, run_dir: Path, stop_flag: Any, log: Log, overfit_batches: Optional[int]):
+def _recorder(sweep: SweepDir, spec: RunSpec, overfit_batches: Optional[int], is_root: bool) -> RunRecorder:
+    """The run's own recorder, or one in a scratch folder for an overfit check."""
+    if not overfit_batches:
+        if is_root:
+            sweep.prepare_run(spec)
+        return sweep.recorder(spec)
+    # A sanity check, not a result: it must neither resume from nor replace the run's files.
+    run_dir = sweep.root / "overfit" / spec.run_id
+    if is_root:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return RunRecorder(run_dir, index=spec.index, run_id=spec.run_id, params=spec.params)
+
+
+def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_batches: Optional[int]):
     from .train.loop import Trainer
 
+    root = parts.backend.is_root
     trainer = Trainer(parts.cfg, parts.model, parts.train_loader, parts.val_loader, parts.backend,
-                      run_dir=run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
-                      log=log if parts.backend.is_root else _quiet, overfit_batches=overfit_batches,
-                      model_meta=parts.model_meta)
+                      run_dir=recorder.run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
+                      log=log if root else _quiet, overfit_batches=overfit_batches,
+                      model_meta=parts.model_meta, on_progress=recorder.report if root else None)
     return trainer.fit()
-
-
-def _mark_running(run_dir: Path, spec: RunSpec, backend: Any) -> None:
-    state = read_state(run_dir) or RunState(index=spec.index, run_id=spec.run_id, params=spec.params)
-    if state.status == "preempted":
-        state.requeues += 1
-    state.status = "running"
-    state.message = ""
-    state.total_epochs = spec.config.train.epochs
-    state.world_size = backend.size
-    state.backend = backend.name
-    state.started_at = state.started_at or time.time()
-    state.slurm_job_id = None  # refreshed from this job's environment by write_state
-    write_state(run_dir, state)
-
-
-def _mark_failed(run_dir: Path, spec: RunSpec, message: str, started: float) -> None:
-    state = read_state(run_dir) or RunState(index=spec.index, run_id=spec.run_id, params=spec.params)
-    state.status = "failed"
-    state.message = message[:2000]
-    state.wall_time_s = state.wall_time_s or (time.time() - started)
-    write_state(run_dir, state)
-
-
-def run_point(sweep_dir: str | Path, index: int, *, stop_flag: Any = None, log: Log = print,
-              overfit_batches: Optional[int] = None) -> RunState:
-    """Train grid point ``index`` of an existing sweep folder (what one array element runs)."""
-    sweep, specs = load_prepared_sweep(sweep_dir)
-    spec = pick(specs, index, str(sweep.config_path))
-    return run_spec(sweep, spec, stop_flag=stop_flag, log=log, overfit_batches=overfit_batches)
-
-
-def is_finished(state: Optional[RunState]) -> bool:
-    return state is not None and state.status in FINAL_STATUSES

@@ -7,7 +7,7 @@ A sweep folder looks like::
       grid.jsonl            one line per grid point: index, run_id, params
       runs/<run_id>/
         config.yaml         the resolved config of this point (no grid)
-        state.json          status, epoch, best metric, message (atomic writes)
+        state.json          status, epoch, best metric, message (runstate.RunRecorder)
         metrics.csv         one row per epoch (written by the trainer)
         checkpoints/        last.pt, best.pt
 """
@@ -17,20 +17,15 @@ import copy
 import hashlib
 import itertools
 import json
-import os
 import re
-import socket
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .config import (Config, ConfigError, build_config, dump_yaml, leaf_spec, load_raw,
                      base_dict, set_dotted)
-from .fsutil import atomic_write_json, atomic_write_text, read_json
-
-STATUSES = ("pending", "running", "done", "failed", "diverged", "preempted")
-FINAL_STATUSES = ("done", "failed", "diverged")
+from .fsutil import atomic_write_text
+from .runstate import RunRecorder, RunState, read_state
 
 
 # --------------------------------------------------------------------------- grid
@@ -209,10 +204,12 @@ class SweepDir:
         if not config_path.exists():
             # The run id is a hash of this config, so an existing file already holds it.
             atomic_write_text(config_path, dump_yaml(base_dict(spec.config)), durable=False)
-        if not (run_dir / "state.json").exists():
-            write_state(run_dir, RunState(status="pending", total_epochs=spec.config.train.epochs,
-                                          index=spec.index, run_id=spec.run_id, params=spec.params))
+        self.recorder(spec).pending(spec.config.train.epochs)
         return run_dir
+
+    def recorder(self, spec: RunSpec) -> RunRecorder:
+        """The writer of this run's state.json."""
+        return RunRecorder(self.run_dir(spec.run_id), index=spec.index, run_id=spec.run_id, params=spec.params)
 
     def records(self) -> list[dict]:
         """The grid.jsonl records, in index order."""
@@ -223,61 +220,7 @@ class SweepDir:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class RunState:
-    status: str = "pending"
-    epoch: int = 0
-    total_epochs: int = 0
-    step: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
-    monitor: str = "val_loss"
-    message: str = ""
-    index: Optional[int] = None
-    run_id: str = ""
-    params: dict = field(default_factory=dict)
-    slurm_job_id: Optional[str] = None
-    host: str = ""
-    started_at: Optional[float] = None
-    updated_at: Optional[float] = None
-    wall_time_s: float = 0.0
-    samples_per_s: Optional[float] = None
-    requeues: int = 0
-    world_size: int = 1
-    backend: str = "none"
-    test: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
-
-
-def write_state(run_dir: str | Path, state: RunState) -> None:
-    state.updated_at = time.time()
-    if not state.host:
-        state.host = socket.gethostname()
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    # A pending run belongs to no job yet, even when the folder is laid out from inside one.
-    if job and not state.slurm_job_id and state.status != "pending":
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        state.slurm_job_id = f"{job}_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else job
-    atomic_write_json(Path(run_dir) / "state.json", state.__dict__)
-
-
-def read_state(run_dir: str | Path) -> Optional[RunState]:
-    """The run's state, or None when state.json is missing or unreadable."""
-    try:
-        data = read_json(Path(run_dir) / "state.json")
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-    known = {k: v for k, v in data.items() if k in RunState.__dataclass_fields__}
-    try:
-        return RunState(**known)
-    except (TypeError, ValueError):
-        return None
+# --------------------------------------------------------------------------- runs
 
 
 def iter_runs(sweep: SweepDir) -> Iterator[tuple[dict, Optional[RunState]]]:

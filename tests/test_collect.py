@@ -23,7 +23,9 @@ from hpctrain.model import build_model
 from hpctrain.report import plots, tensorboard
 from hpctrain.report.ranking import resolve_mode
 from hpctrain.report.runs import parse_metrics
-from hpctrain.sweep import RunState, SweepDir, expand, write_state
+from hpctrain.runstate import RunState
+from hpctrain.sweep import SweepDir, expand
+from state_files import put_state
 from hpctrain.train.checkpoint import save_checkpoint as write_trainer_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def make_sweep(root: Path, name: str = "demo") -> tuple[Path, dict]:
                          message="CUDA out of memory" if status == "failed" else "")
         if status == "done":
             state.test = {"test_loss": floor + 0.15, "test_accuracy": acc - 0.05}
-        write_state(run_dir, state)
+        put_state(run_dir, state)
         if spec.index == 6:
             (run_dir / "state.json").write_text('{"status": "runn')
         models[spec.index] = save_checkpoint(run_dir / "checkpoints" / "best.pt", spec, seed=spec.index)

@@ -10,8 +10,8 @@ import yaml
 
 from hpctrain.config import build_config
 from hpctrain.errors import ConfigError
-from hpctrain.launch.sbatch import (array_spec, check_setup_line, render_array_script,
-                                    render_collector_script)
+from hpctrain.launch.sbatch import array_spec, render_array_script, render_collector_script
+from hpctrain.launch.spec import check_setup_line, sbatch_line, sbatch_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,16 @@ def test_script_has_array_resources_signal_setup_and_srun(tmp_path):
     for expected in ["#SBATCH --array=0-5%4", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2",
                      "#SBATCH --cpus-per-task=3", "#SBATCH --gpus-per-node=2", "#SBATCH --mem=16G",
                      "#SBATCH --time=45", "#SBATCH --partition=gpu", "#SBATCH --account=abc123",
-                     "#SBATCH --signal=USR1@90", "#SBATCH --requeue", "module load openmpi/4.1",
-                     "source ~/venv/bin/activate", "MAX_REQUEUES=5", "PYTHON=/opt/py/bin/python"]:
+                     "#SBATCH --signal=USR2@90", "#SBATCH --requeue", "module load openmpi/4.1",
+                     "source ~/venv/bin/activate", "PYTHON=/opt/py/bin/python"]:
         assert expected in lines, expected
     srun = next(line for line in lines if line.startswith("srun "))
-    assert srun.startswith("srun --mpi=pmix ")
+    assert srun.startswith("srun --mpi=pmix ") and srun == lines[-2]
     assert '-m hpctrain run "$CONFIG" --index "${SLURM_ARRAY_TASK_ID:-0}" --sweep-dir "$SWEEP_DIR"' in srun
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
+    # after the step: a run whose ranks were killed is recorded; the status is srun's, passed on
+    assert lines[-1].startswith('"$PYTHON" -m hpctrain.launch.step_end $? "$CONFIG" --index')
+    # hpctrain run requeues its own element after a preemption signal; the script decides nothing
+    assert "scontrol" not in text and "requeue" not in text.split("#SBATCH --requeue")[1]
     assert all(not line.startswith("#SBATCH") for line in lines[lines.index("# setup"):])
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
@@ -112,9 +115,39 @@ def test_cli_sbatch_writes_the_script_and_sweep(tmp_path):
     assert (tmp_path / "sw" / "grid.jsonl").read_text().count("\n") == 3
 
 
+def test_preempt_signal_is_configurable(tmp_path):
+    text = render_array_script(_cfg(preempt_signal="USR1", signal_delay_s=300), sweep_dir=tmp_path,
+                               config_path=tmp_path / "c.yaml", indices=[0])
+    assert "#SBATCH --signal=USR1@300" in text.splitlines()
+    with pytest.raises(ConfigError, match="slurm.preempt_signal"):
+        _cfg(preempt_signal="KILL")
+
+
+def test_submitit_script_and_rendered_script_carry_the_same_spec(tmp_path):
+    from hpctrain.launch.slurm import array_script
+    from hpctrain.sweep import SweepDir
+
+    cfg = _cfg()
+    wanted = {sbatch_line(k, v) for k, v in sbatch_options(cfg.slurm, cfg.name)}
+    submitit_lines = set(array_script(cfg, SweepDir(tmp_path / "sw"), 6).splitlines())
+    rendered_lines = set(render_array_script(cfg, sweep_dir=tmp_path / "sw", config_path=tmp_path / "c.yaml",
+                                             indices=range(6)).splitlines())
+    assert wanted <= submitit_lines, sorted(wanted - submitit_lines)
+    assert wanted <= rendered_lines, sorted(wanted - rendered_lines)
+    for text in (submitit_lines, rendered_lines):  # one value per option, no submitit default left over
+        assert sum(line.startswith("#SBATCH --signal") for line in text) == 1
+        assert sum(line.startswith("#SBATCH --time") for line in text) == 1
+
+
+def test_jobs_scripts_are_generated_from_the_template():
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make-jobs.py"), "--check"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
 def test_jobs_scripts_are_valid_bash():
     for script in sorted((REPO / "jobs").glob("*.sbatch")):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
         text = script.read_text()
         assert "--index \"${SLURM_ARRAY_TASK_ID:-0}\"" in text and "srun --mpi=pmix" in text
-        assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text
+        assert "#SBATCH --signal=USR2@" in text and "#SBATCH --requeue" in text

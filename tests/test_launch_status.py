@@ -7,7 +7,8 @@ import yaml
 from hpctrain.launch.cli_status import render, rows
 from hpctrain.launch.slurm import select_runs
 from hpctrain.runner import prepare_sweep
-from hpctrain.sweep import RunState, read_state, write_state
+from hpctrain.runstate import RunState, read_state
+from state_files import put_state
 
 
 def _sweep(tmp_path):
@@ -22,7 +23,7 @@ def test_status_survives_partial_and_missing_state_files(tmp_path):
     done = RunState(status="done", epoch=4, total_epochs=4, best_metric=0.25, index=0, run_id=specs[0].run_id,
                     params=specs[0].params, message="finished 4 epochs")
     done.slurm_job_id = "77_0"
-    write_state(sweep.run_dir(specs[0].run_id), done)
+    put_state(sweep.run_dir(specs[0].run_id), done)
     (sweep.run_dir(specs[1].run_id) / "state.json").write_text('{"status": "runn')  # torn write
     (sweep.run_dir(specs[2].run_id) / "state.json").unlink()
     table = rows(str(sweep.root), slurm_states=False)
@@ -41,7 +42,7 @@ def test_selection_skips_finished_runs_and_reruns_on_request(tmp_path):
         state = read_state(sweep.run_dir(spec.run_id))
         state.status = status
         state.slurm_job_id = f"9_{spec.index}"
-        write_state(sweep.run_dir(spec.run_id), state)
+        put_state(sweep.run_dir(spec.run_id), state)
     assert select_runs(sweep, specs).indices == [3, 4, 5]
     assert select_runs(sweep, specs, "failed").indices == [1, 3, 4, 5]
     sel = select_runs(sweep, specs, "all")

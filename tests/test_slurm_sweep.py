@@ -178,7 +178,7 @@ def test_preempted_element_resumes_from_its_checkpoint_with_identical_metrics(sl
     wait_until(lambda: states(interrupted)[0].get("epoch", 0) >= 1 and states(interrupted)[0]["status"] == "running",
                180, "the first epoch", poll=0.3)
     job = states(interrupted)[0]["slurm_job_id"]
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # the default preempt_signal
     preempted = wait_until(lambda: (s := states(interrupted)[0])["status"] == "preempted" and s, 60, "preempted")
     assert preempted["epoch"] < 5
     run = interrupted / "runs" / preempted["run_id"]
@@ -207,3 +207,101 @@ def test_generic_sbatch_script_runs_a_grid(slurm_cluster, tmp_path):
     wait_until(lambda: (sweep / "grid.jsonl").exists() and all_final(sweep), 240, "the generic array", poll=2)
     assert [s["status"] for s in states(sweep).values()] == ["done", "done"]
     assert all(s["world_size"] == 2 for s in states(sweep).values())
+
+
+# --------------------------------------------------------------------------- the `hpctrain sbatch` path
+
+
+def sbatch_sweep(config: Path, sweep: Path) -> str:
+    """`hpctrain sbatch` then `sbatch`, as a user does; returns the array id."""
+    script = sweep.parent / f"{sweep.name}.sbatch"
+    result = hpctrain("sbatch", config, "-o", script, "--sweep-dir", sweep)
+    assert result.returncode == 0, result.stderr
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def rank_pids(element: str, rank: int) -> list[int]:
+    """Pids of the `hpctrain run` task of ``rank`` in array element ``element`` (``ARRAY_TASK``)."""
+    array, task = element.split("_")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if (b"hpctrain" in cmdline and b"run" in cmdline and environ.get(b"SLURM_ARRAY_JOB_ID") == array.encode()
+                and environ.get(b"SLURM_ARRAY_TASK_ID") == task.encode()
+                and environ.get(b"SLURM_PROCID") == str(rank).encode()):
+            pids.append(int(proc.name))
+    return pids
+
+
+def sacct_element(element: str) -> tuple[str, str]:
+    """(State, ExitCode) of an array element as sacct reports it."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,ExitCode", "-j", element],
+                         capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        jid, state, code = line.split("|")
+        if jid == element:
+            return state.split()[0], code
+    return "", ""
+
+
+def test_rank_killed_with_9_fails_the_element_names_the_rank_and_is_not_requeued(slurm_cluster, tmp_path):
+    config = write_config(tmp_path, "kill9", epochs=40, rows=16000, grid={"optim.lr": [0.01]}, backend=BACKEND)
+    sweep = tmp_path / "sw"
+    array = sbatch_sweep(config, sweep)
+    element = f"{array}_0"
+    wait_until(lambda: states(sweep)[0].get("epoch", 0) >= 1, 180, "the first epoch", poll=0.5)
+    victims = wait_until(lambda: rank_pids(element, 1), 30, "rank 1's process")
+    for pid in victims:
+        os.kill(pid, 9)
+    final = wait_until(lambda: (s := states(sweep)[0])["status"] == "failed" and s, 180, "the run to fail")
+    assert final["requeues"] == 0
+    assert "rank 1" in final["message"], final["message"]
+    wait_until(lambda: sacct_element(element)[0] not in ("", "RUNNING", "COMPLETING", "PENDING", "REQUEUED"),
+               120, "the element to end")
+    time.sleep(5)  # a requeue would show within moments: Slurm would set it PENDING again
+    state, code = sacct_element(element)
+    assert state == "FAILED", (state, code)
+    assert "kill9" not in queued_names()
+    assert states(sweep)[0]["requeues"] == 0 and states(sweep)[0]["status"] == "failed"
+
+
+def test_sbatch_element_preempted_by_signal_or_scontrol_requeue_resumes_with_identical_metrics(slurm_cluster,
+                                                                                              tmp_path):
+    config = write_config(tmp_path, "req", epochs=5, rows=16000, grid={"optim.lr": [0.01, 0.003]}, backend=BACKEND)
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    array = sbatch_sweep(config, interrupted)
+    sbatch_sweep(config, reference)
+    elements = [f"{array}_0", f"{array}_1"]
+    for index in (0, 1):
+        wait_until(lambda: (s := states(interrupted)[index]).get("epoch", 0) >= 1 and s["status"] == "running",
+                   240, f"the first epoch of element {index}", poll=0.3)
+    # element 0: the preemption signal (hpctrain requeues it); element 1: Slurm requeues it (SIGTERM)
+    subprocess.run(["scancel", "--signal=USR2", elements[0]], check=True, timeout=30)
+    subprocess.run(["scontrol", "requeue", elements[1]], check=True, timeout=30)
+    for index in (0, 1):
+        stopped = wait_until(lambda: (s := states(interrupted)[index])["status"] == "preempted" and s, 120,
+                             f"element {index} to stop with a checkpoint")
+        assert stopped["epoch"] < 5
+
+    def resumed():
+        for element in elements:
+            release_requeued(element)
+        return all(s["status"] in ("running", "done") and s["requeues"] == 1 for s in states(interrupted).values())
+    wait_until(resumed, 180, "both elements to start again", poll=2)
+    wait_until(lambda: all_final(interrupted) and all_final(reference), 300, "every run to finish", poll=2)
+    for index in (0, 1):
+        final = states(interrupted)[index]
+        assert final["status"] == "done" and final["requeues"] == 1, final
+        run, ref = interrupted / "runs" / final["run_id"], reference / "runs" / final["run_id"]
+        assert (run / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
+    logs = {i: (interrupted / "logs" / f"{array}_{i}.out").read_text() for i in (0, 1)}
+    assert "requeued job " + elements[0] in logs[0] and "resumed from last.pt" in logs[0]
+    assert "SIGTERM" in logs[1] and "resumed from last.pt" in logs[1]

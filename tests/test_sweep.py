@@ -1,13 +1,13 @@
 """Grid expansion, stable run ids, sweep folder layout and atomic state."""
 import json
-import os
 import textwrap
 
 import pytest
 
 from hpctrain.config import ConfigError
-from hpctrain.sweep import (RunState, SweepDir, expand, expand_grid, load_sweep, read_state, run_id_for,
-                            write_state)
+from hpctrain.runstate import read_state
+from hpctrain.sweep import SweepDir, expand, expand_grid, load_sweep, run_id_for
+from state_files import put_state
 
 
 def write(tmp_path, text):
@@ -96,32 +96,9 @@ def test_sweep_folder_layout_and_no_overwrite(tmp_path):
     # A finished run is never reset by writing the sweep again.
     state = read_state(run)
     state.status, state.best_metric = "done", 0.25
-    write_state(run, state)
+    put_state(run, state)
     sweep.write(raw, specs)
     assert read_state(run).status == "done" and read_state(run).best_metric == 0.25
-
-
-def test_state_write_is_atomic_and_leaves_no_temp_files(tmp_path):
-    write_state(tmp_path, RunState(status="running", epoch=3))
-    for i in range(20):
-        write_state(tmp_path, RunState(status="running", epoch=i))
-    assert read_state(tmp_path).epoch == 19
-    assert os.listdir(tmp_path) == ["state.json"]
-
-
-def test_state_rejects_unknown_status_and_reads_corrupt_as_none(tmp_path):
-    with pytest.raises(ValueError, match="not one of"):
-        RunState(status="finished")
-    (tmp_path / "state.json").write_text('{"status": "runn')
-    assert read_state(tmp_path) is None
-    assert read_state(tmp_path / "missing") is None
-
-
-def test_state_records_slurm_job_id_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
-    write_state(tmp_path, RunState(status="running"))
-    assert read_state(tmp_path).slurm_job_id == "123_4"
 
 
 def test_run_id_is_filesystem_safe():
@@ -139,9 +116,3 @@ def test_folder_of_a_different_sweep_is_refused_not_overwritten(tmp_path):
         sweep.write(raw2, specs2)
     assert (sweep.root / "grid.jsonl").read_text() == before
     sweep.write(raw, specs)  # the same sweep again is fine
-
-
-def test_pending_state_gets_no_job_id(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    write_state(tmp_path, RunState(status="pending"))
-    assert read_state(tmp_path).slurm_job_id is None

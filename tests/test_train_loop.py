@@ -13,7 +13,8 @@ from hpctrain.config import build_config
 from hpctrain.data.memory import TensorLoader
 from hpctrain.dist.backends import NoneBackend
 from hpctrain.model import build_model
-from hpctrain.sweep import RunState, read_state, write_state
+from hpctrain.runstate import RunRecorder, RunState, read_state
+from state_files import put_state
 from hpctrain.train.loop import Trainer
 from hpctrain.train.signals import StopFlag
 
@@ -57,7 +58,7 @@ def make_trainer(cfg, run_dir=None, stop_flag=None, n=300, weights=False, log=No
     logs = [] if log is None else log
     trainer = Trainer(cfg, model, train, val, NoneBackend(device_preference="cpu"), run_dir=run_dir,
                       test_loader=test, stop_flag=stop_flag, log=logs.append, overfit_batches=overfit_batches,
-                      model_meta=meta)
+                      model_meta=meta, on_progress=RunRecorder(run_dir).report if run_dir is not None else None)
     return trainer, logs
 
 
@@ -94,7 +95,7 @@ def params(model):
 
 
 def test_fit_writes_metrics_state_checkpoints(tmp_path):
-    write_state(tmp_path, RunState(status="running", index=4, run_id="abc", params={"optim.lr": 0.01}))
+    put_state(tmp_path, RunState(status="running", index=4, run_id="abc", params={"optim.lr": 0.01}))
     cfg = make_cfg()
     trainer, logs = make_trainer(cfg, tmp_path)
     result = trainer.fit()

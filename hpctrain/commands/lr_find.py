@@ -4,6 +4,11 @@ Prints loss against an exponentially increasing learning rate, the suggested LR,
 writes ``lr_find.png`` and ``lr_find.csv`` to ``--out`` (default
 ``sweeps/<name>/lr_find/<run_id>``). The model is the grid point's model as ``hpctrain
 run`` would build it; nothing of the sweep's runs is touched.
+
+Under ``mpirun``/``srun`` every rank takes part. Each rank reads the batches a single
+process with the global batch (ranks x data.batch_size) would read and trains on its
+share of each, so the curve and the suggestion are those of that global batch, the same
+whatever the number of ranks that computes them.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..errors import HpctrainError
     from ..runner import build_parts, pick, prepare_sweep
-    from ..train.losses import build_loss
     from ..train.lr_find import lr_range_test
 
     if args.steps < 2:
@@ -36,8 +40,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = spec.config
     parts = build_parts(cfg, log=lambda m: print(m, flush=True))
     try:
-        result = lr_range_test(parts.model, build_loss(cfg.loss, cfg.data.task), parts.train_loader, parts.backend,
-                               parts.cfg.optim, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+        result = lr_range_test(parts.cfg, parts.model, _shared_batches(parts.cfg, parts.backend), parts.backend,
+                               start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         if parts.backend.is_root:
             out = Path(args.out) if args.out else Path("sweeps") / cfg.name / "lr_find" / spec.run_id
             out.mkdir(parents=True, exist_ok=True)
@@ -51,3 +55,19 @@ def main(args: argparse.Namespace) -> int:
     finally:
         parts.backend.shutdown()
     return 0
+
+
+def _shared_batches(cfg, backend):
+    """Train batches of the global batch size for one process, each shared out among the ranks."""
+    import dataclasses
+
+    from ..data.loader import ShardLoader
+    from ..errors import DataError
+    from ..train.lr_find import BatchShares
+
+    data = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * backend.size)
+    loader = ShardLoader.from_config(data, "train", rank=0, world_size=1, seed=cfg.seed, device=backend.device)
+    if loader.rows < data.batch_size:
+        raise DataError(f"{cfg.data.path}: the train split has {loader.rows} rows, fewer than one global batch of "
+                        f"{backend.size} x {cfg.data.batch_size}; use a smaller data.batch_size")
+    return BatchShares(loader, backend.rank, backend.size)

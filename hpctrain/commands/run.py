@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-# Exit status of a run that stopped on a signal after saving its checkpoint: the
-# job script requeues it (EX_TEMPFAIL, "try again later").
-EXIT_PREEMPTED = 75
-EXIT_FAILED = 1
+from .. import exitcodes
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -37,9 +34,10 @@ def quick_check_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from ..dist import discover
+    from ..dist.backends import CollectiveError
     from ..errors import HpctrainError
-    from ..runner import pick, prepare_sweep, run_spec
-    from ..train.signals import StopFlag
+    from ..launch.element import run_element
+    from ..runner import pick, prepare_sweep
 
     is_root = discover().rank == 0
     overrides = list(args.overrides) + quick_check_overrides(args)
@@ -48,15 +46,13 @@ def main(args: argparse.Namespace) -> int:
     if is_root:
         sweep.write(raw, specs)
         print(f"run {spec.index}/{len(specs)}: {spec.run_id} in {sweep.run_dir(spec.run_id)}", flush=True)
-    stop_flag = StopFlag()
-    stop_flag.install()
     try:
-        state = run_spec(sweep, spec, stop_flag=stop_flag, overfit_batches=args.overfit_batches,
-                         log=lambda m: print(m, flush=True))
+        state = run_element(sweep, spec, max_requeues=spec.config.slurm.max_requeues,
+                            overfit_batches=args.overfit_batches, log=lambda m: print(m, flush=True))
     except HpctrainError:
         raise
+    except CollectiveError:  # the message is logged and recorded; another rank died or hung
+        return exitcodes.RANK_LOST
     except Exception:  # already logged with its traceback and recorded as failed
-        return EXIT_FAILED
-    if state.status == "preempted":
-        return EXIT_PREEMPTED
-    return 0 if state.status in ("done", "diverged") else EXIT_FAILED
+        return exitcodes.FAILED
+    return exitcodes.for_status(state.status)

@@ -32,13 +32,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from .. import exitcodes
 from ..errors import ConfigError, HpctrainError
 from .env import RankEnv, discover
 
 Log = Callable[[str], None]
 
-# Exit status of a rank that aborts the job after a failed collective (EX_TEMPFAIL: retrying may work).
-COLLECTIVE_FAILURE_EXIT = 75
 # Optimizer-state tensors up to this many elements travel inside the pickled skeleton (Adam's
 # step counter lives on the CPU even for GPU models, which NCCL cannot broadcast).
 _SMALL_TENSOR = 64
@@ -96,7 +95,7 @@ def _abort_mpi_job(message: str) -> None:
         from mpi4py import MPI
         if MPI.Is_initialized() and not MPI.Is_finalized():
             print("hpctrain: aborting the MPI job so that no rank waits forever", file=sys.stderr, flush=True)
-            MPI.COMM_WORLD.Abort(COLLECTIVE_FAILURE_EXIT)
+            MPI.COMM_WORLD.Abort(exitcodes.RANK_LOST)
     except ImportError:
         pass
 

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import exitcodes
 from ..errors import HpctrainError
 from ..sweep import SweepDir
-from .sbatch import root_mpi_lines
+from .spec import ROOT_MPI_ENV
 
 Log = Callable[[str], None]
 
@@ -36,9 +37,8 @@ def element_command(sweep_dir: Path, index: int, tasks: int) -> list[str]:
 
 def element_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for line in root_mpi_lines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
+    if os.geteuid() == 0:
+        env.update(ROOT_MPI_ENV)
     # A local element is not a Slurm job even when this shell runs inside one.
     for key in [k for k in env if k.startswith("SLURM_")]:
         env.pop(key)
@@ -64,9 +64,9 @@ def run_local(sweep: SweepDir, indices: list[int], *, tasks: int, parallelism: i
             for index, (proc, out) in list(running.items()):
                 if proc.poll() is not None:
                     out.close()
-                    results[index] = proc.returncode
+                    results[index] = _ended(sweep, index, proc.returncode, logs / f"{index}.log")
                     del running[index]
-                    log(f"element {index}: exit status {proc.returncode}")
+                    log(f"element {index}: exit status {results[index]} ({exitcodes.describe(results[index])})")
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc, _ in running.values():
@@ -81,6 +81,19 @@ def run_local(sweep: SweepDir, indices: list[int], *, tasks: int, parallelism: i
             results[index] = proc.returncode
         raise
     return results
+
+
+def _ended(sweep: SweepDir, index: int, status: int, log_path: Path) -> int:
+    """The element's exit status, after recording a run whose ranks mpirun killed."""
+    if status == 0:
+        return 0
+    from ..runner import load_prepared_sweep, pick
+    from .step_end import record_lost_run
+
+    _, specs = load_prepared_sweep(sweep.root)
+    output = log_path.read_text(encoding="utf-8", errors="replace")[-20000:]
+    lost = record_lost_run(sweep.recorder(pick(specs, index)), "mpirun", status, output)
+    return exitcodes.RANK_LOST if lost else status
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

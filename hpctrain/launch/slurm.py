@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Callable, Iterable, Optional
 from ..config import Config
 from ..errors import HpctrainError
 from ..fsutil import atomic_write_text
-from ..sweep import FINAL_STATUSES, RunSpec, SweepDir, read_state, write_state
-from .sbatch import mem_option, render_collector_script, setup_lines, srun_args
+from ..runstate import FINAL_STATUSES, read_state
+from ..sweep import RunSpec, SweepDir
+from .sbatch import render_collector_script
+from .spec import sbatch_options, setup_lines, srun_args, submitit_parameters
 
 Log = Callable[[str], None]
 RERUN_CHOICES = ("none", "failed", "diverged", "all")
@@ -153,23 +157,21 @@ def set_aside(sweep: SweepDir, spec: RunSpec) -> Path:
 
 
 def executor_for(cfg: Config, sweep: SweepDir):
-    """A submitit SlurmExecutor with the element's resources from ``cfg.slurm``."""
+    """A submitit SlurmExecutor whose script carries the launch spec's sbatch options."""
     import submitit
 
     s = cfg.slurm
     executor = submitit.SlurmExecutor(folder=sweep.root / "slurm", max_num_timeout=s.max_requeues)
-    params = dict(job_name=cfg.name, time=s.time_min, nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
-                  cpus_per_task=s.cpus_per_task, signal_delay_s=s.signal_delay_s,
-                  array_parallelism=s.array_parallelism, setup=setup_lines(s) + ["export PYTHONUNBUFFERED=1"],
-                  srun_args=srun_args(s), additional_parameters={"requeue": True})
-    if s.gpus_per_node:
-        params["gpus_per_node"] = s.gpus_per_node
-    if s.mem_gb is not None:
-        params["mem"] = mem_option(s.mem_gb)
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(s, key) is not None:
-            params[key] = getattr(s, key)
-    executor.update_parameters(**params)
+    # nodes and ntasks_per_node also tell submitit how many tasks to expect; every option in
+    # the script comes from sbatch_options (its additional_parameters win over submitit's own).
+    config = shlex.quote(str(sweep.config_path.absolute()))
+    folder = shlex.quote(str(sweep.root.absolute()))
+    executor.update_parameters(nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
+                               array_parallelism=s.array_parallelism, setup=setup_lines(s),
+                               srun_args=srun_args(s),
+                               teardown=[f"{shlex.quote(sys.executable)} -m hpctrain.launch.step_end $? "
+                                         f"{config} --sweep-dir {folder}"],
+                               additional_parameters=submitit_parameters(sbatch_options(s, cfg.name)))
     return executor
 
 
@@ -207,11 +209,7 @@ def submit_array(cfg: Config, sweep: SweepDir, specs: list[RunSpec], indices: li
 
 
 def _record_job(sweep: SweepDir, spec: RunSpec, job_id: str) -> None:
-    run_dir = sweep.run_dir(spec.run_id)
-    state = read_state(run_dir)
-    if state is not None and state.status in ("pending", "preempted", "failed"):
-        state.slurm_job_id = job_id
-        write_state(run_dir, state)
+    sweep.recorder(spec).stamp_job(job_id)
 
 
 def submit_collector(cfg: Config, sweep: SweepDir, after: str) -> str:

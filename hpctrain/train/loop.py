@@ -16,7 +16,6 @@ the loss; a step's metric inputs are kept as references and reduced once per epo
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
@@ -33,10 +32,10 @@ import torch
 from ..config import Config, base_dict
 from ..errors import DataError
 from ..fsutil import atomic_write_text
-from ..sweep import RunState, read_state, write_state
 from . import checkpoint as ckpt
 from .losses import MetricSums, build_loss, check_monitor, metric_names, monitor_mode
-from .optim import apply_max_norm, build_optimizer, build_schedule, set_lr, weight_penalty, weight_tensors
+from .optim import build_optimizer, build_schedule, set_lr
+from .step import TrainStep, to_device
 
 TIMING_COLUMNS = ("epoch", "epoch_time_s", "samples_per_s", "elapsed_s")
 # Steps between divergence checks: on CPU a check is a cheap read; on a GPU it would
@@ -58,6 +57,28 @@ class FitResult:
     wall_time_s: float = 0.0
     resumed_from: Optional[str] = None  # checkpoint file name the run resumed from
     overfit_passed: Optional[bool] = None
+
+
+@dataclass
+class Progress:
+    """What the trainer reports after each transition and epoch (rank 0 only).
+
+    The trainer knows nothing of state files: whoever owns the run's state (the runner's
+    recorder) receives these through ``on_progress``.
+    """
+    status: str                       # running | done | diverged | preempted
+    message: str
+    epoch: int
+    total_epochs: int
+    step: int
+    best_metric: Optional[float]
+    best_epoch: Optional[int]
+    monitor: str
+    world_size: int
+    backend: str
+    wall_time_s: float
+    samples_per_s: Optional[float] = None
+    test: dict = field(default_factory=dict)
 
 
 class EarlyStopping:
@@ -120,8 +141,9 @@ class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, val_loader, backend,
                  run_dir: str | Path | None = None, test_loader=None, stop_flag=None,
                  log: Callable[[str], None] = print, overfit_batches: Optional[int] = None,
-                 model_meta: Optional[dict] = None):
+                 model_meta: Optional[dict] = None, on_progress: Optional[Callable[[Progress], None]] = None):
         self.cfg, self.backend, self.log = cfg, backend, log
+        self.on_progress = on_progress
         self.task = cfg.data.task
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.stop_flag = stop_flag
@@ -153,10 +175,9 @@ class Trainer:
         planned = tc.epochs * len(train_loader)
         self.schedule = build_schedule(cfg.schedule, cfg.optim.lr,
                                        min(planned, tc.max_steps or planned), self.mode)
-        self.weights = weight_tensors(self.raw_model)
         self.check_every = CHECK_EVERY.get(self.device.type, CHECK_EVERY_DEVICE)
-        self.autocast, self.scaler = _precision(tc.precision, self.device)
-        self.micro_steps = max(1, int(getattr(backend, "backward_passes_per_step", 1) or 1))
+        self.step_fn = TrainStep(cfg, self.model, self.raw_model, self.optimizer, self.loss_fn, backend, self.device)
+        self.autocast, self.scaler = self.step_fn.autocast, self.step_fn.scaler  # evaluation and checkpoints use them
 
         # Position and history; all of it goes into a checkpoint.
         self.epoch = 0            # epochs completed
@@ -182,7 +203,7 @@ class Trainer:
         self._t0 = t0
         resumed = self._resume_or_seed()
         self.backend.broadcast_state(self.model, self.optimizer)
-        self._write_state("running", f"resumed from {resumed}" if resumed else "")
+        self._report("running", f"resumed from {resumed}" if resumed else "")
         if self.overfit_batches:
             self._overfit_start = self._evaluate(self.val_loader, "val")["val_loss"]
         outcome, message = self._run_epochs()
@@ -195,7 +216,7 @@ class Trainer:
             result.test_metrics = self._evaluate_best_on_test()
         result.wall_time_s = time.monotonic() - t0
         result.samples_per_s = self._samples * self.backend.size / self._train_time if self._train_time else None
-        self._write_state(outcome, result.message, result)
+        self._report(outcome, result.message, result)
         return result
 
     def _run_epochs(self) -> tuple[str, str]:
@@ -266,88 +287,15 @@ class Trainer:
         return event, detail
 
     def _train_step(self, batch) -> int:
-        x, y, w = batch.x, batch.y, batch.w
-        if x.device != self.device:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            w = None if w is None else w.to(self.device, non_blocking=True)
+        x, y, w = to_device(batch, self.device)
         lr = self.schedule.lr_at(self.step, self.epoch)
         if lr != self._lr:
             set_lr(self.optimizer, lr)
             self._lr = lr
-        self.optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no arguments
-        if self.micro_steps == 1:
-            out, loss, den = self._forward_backward(x, y, w, 1, True)
-        else:
-            out, loss, den = self._accumulate(x, y, w)
-        self._clip_and_step()
-        if self.cfg.optim.max_norm:
-            apply_max_norm(self.weights, self.cfg.optim.max_norm)
+        out, loss, den = self.step_fn(x, y, w)
         self.train_sums.add(out, y, loss, den)
         self._pending_losses.append(loss.detach())
         return len(x)
-
-    def _forward_backward(self, x, y, w, parts: int, last: bool):
-        """Forward and backward of one (micro-)batch; the loss is divided by ``parts``."""
-        with self.backend_context(last):
-            with self.autocast():
-                out = self.model(x)
-            loss, den = self.loss_fn(out.float(), y, w)
-            total = loss
-            if self.cfg.optim.l1 or self.cfg.optim.l2:
-                total = loss + weight_penalty(self.weights, self.cfg.optim.l1, self.cfg.optim.l2)
-            if parts > 1:
-                total = total / parts
-            (self.scaler.scale(total) if self.scaler is not None else total).backward()
-        return out, loss, den
-
-    def _accumulate(self, x, y, w):
-        """dist.backward_passes_per_step > 1: the batch in equal micro-batches, one backward
-        pass each, gradients averaged; the step count per epoch does not change."""
-        k = min(self.micro_steps, len(x))
-        chunks = list(zip(x.chunk(k), y.chunk(k), w.chunk(k) if w is not None else [None] * k))
-        outs, nums, dens = [], [], []
-        for i, (xc, yc, wc) in enumerate(chunks):
-            out, loss, den = self._forward_backward(xc, yc, wc, len(chunks), i == len(chunks) - 1)
-            outs.append(out.detach())
-            nums.append(loss.detach() * den)
-            dens.append(den)
-        den = sum(dens)
-        return torch.cat(outs), torch.stack(nums).sum() / den, den
-
-    def backend_context(self, last: bool):
-        ctx = getattr(self.backend, "accumulation_context", None)
-        if ctx is None or self.micro_steps == 1:
-            return contextlib.nullcontext()
-        return ctx(self.model, is_last_micro_step=last)
-
-    def _clip_and_step(self) -> None:
-        clip = self.cfg.optim.grad_clip
-        opt = self.optimizer
-        if clip is None:
-            if self.scaler is not None:
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                opt.step()
-            return
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
-        if hasattr(opt, "skip_synchronize"):
-            # Horovod: clip the averaged gradients, then step without a second allreduce.
-            opt.synchronize()
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            with opt.skip_synchronize():
-                self._step_optimizer()
-        else:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
-            self._step_optimizer()
-
-    def _step_optimizer(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
 
     def _step_boundary(self) -> tuple[Optional[str], str]:
         """Decide, the same way on every rank, whether to stop, checkpoint or go on."""
@@ -440,7 +388,7 @@ class Trainer:
                     or time.monotonic() - self._last_ckpt_time >= self.cfg.train.checkpoint_every_s)
         self._save(last=last_due, best=improved)
         self._log_epoch(metrics)
-        self._write_state("running")
+        self._report("running")
         return None, stop_early, passed
 
     def _is_better(self, value: float) -> bool:
@@ -581,24 +529,16 @@ class Trainer:
         t = self._epoch_train_time
         return self._epoch_samples * self.backend.size / t if t else 0.0
 
-    def _write_state(self, status: str, message: str = "", result: Optional[FitResult] = None) -> None:
-        if self.run_dir is None or not self.backend.is_root:
+    def _report(self, status: str, message: str = "", result: Optional[FitResult] = None) -> None:
+        if self.on_progress is None or not self.backend.is_root:
             return
-        state = read_state(self.run_dir) or RunState()
-        state.status = status
-        if message or status != "running":
-            state.message = message
-        state.epoch, state.total_epochs, state.step = self.epoch, self.cfg.train.epochs, self.step
-        state.best_metric, state.best_epoch, state.monitor = self.best_metric, self.best_epoch, self.monitor
-        state.world_size, state.backend = self.backend.size, self.backend.name
-        if state.started_at is None:
-            state.started_at = time.time()
-        state.wall_time_s = self.elapsed_before + time.monotonic() - self._t0
-        if self._train_time:
-            state.samples_per_s = self._samples * self.backend.size / self._train_time
-        if result is not None and result.test_metrics:
-            state.test = dict(result.test_metrics)
-        write_state(self.run_dir, state)
+        self.on_progress(Progress(
+            status=status, message=message, epoch=self.epoch, total_epochs=self.cfg.train.epochs,
+            step=self.step, best_metric=self.best_metric, best_epoch=self.best_epoch, monitor=self.monitor,
+            world_size=self.backend.size, backend=self.backend.name,
+            wall_time_s=self.elapsed_before + time.monotonic() - self._t0,
+            samples_per_s=self._samples * self.backend.size / self._train_time if self._train_time else None,
+            test=dict(result.test_metrics) if result is not None else {}))
 
     def _log_epoch(self, metrics: dict) -> None:
         if not self.backend.is_root:
@@ -729,14 +669,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-def _precision(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 # ---------------------------------------------------------------------- RNG and gathering

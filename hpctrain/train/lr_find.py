@@ -6,6 +6,12 @@ smoothed (bias-corrected) version of it; stop when the smoothed loss exceeds
 ``blowup`` x its minimum, or is not finite. The suggested learning rate is a tenth of the
 LR where the loss blew up (or, when it never did, a tenth of the LR of the lowest
 smoothed loss): a value still on the steep, stable part of the curve.
+
+Each step is the trainer's own (``train.step.TrainStep``): gradient clipping, L1/L2
+penalties, max-norm, precision and gradient accumulation act here as they will in the
+run, so the LR found is the one that run can take. Fed through ``BatchShares``, R ranks
+with batch B see exactly the rows one process sees with batch R*B, and the test's result
+does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -14,12 +20,14 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..config import OptimConfig
+from ..config import Config
+from .losses import build_loss
 from .optim import build_optimizer, set_lr
+from .step import StepResult, TrainStep, to_device
 
 
 @dataclass
@@ -85,6 +93,36 @@ class LRFindResult:
             plt.close(fig)
 
 
+class BatchShares:
+    """Rank ``rank``'s share of every batch of ``loader``, a single-process loader whose batch
+    is the global batch (R x B): rows [rank*B, (rank+1)*B) of each.
+
+    The ranks' shares of a batch make up exactly the batch one process with R x B reads, in
+    the same order, whatever R. Every rank reads the whole batch, R times the rows it
+    uses; for a test of a hundred steps that costs little. An epoch's short last batch is
+    skipped: it cannot be shared equally.
+    """
+
+    def __init__(self, loader, rank: int, size: int):
+        if loader.batch_size % size:
+            raise ValueError(f"batch size {loader.batch_size} is not a multiple of the world size {size}")
+        self.loader, self.rank, self.size = loader, rank, size
+        self.share = loader.batch_size // size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
+        it = iter(self.loader)
+        try:
+            for batch in it:
+                if len(batch.x) == self.loader.batch_size:
+                    yield type(batch)(*(None if t is None else t[lo:hi] for t in batch))
+        finally:
+            _close(it)
+
+
 def _batches(loader):
     """Batches of the loader, epoch after epoch, for as long as they are wanted."""
     epoch = 0
@@ -97,56 +135,53 @@ def _batches(loader):
                 empty = False
                 yield batch
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()   # a prefetching loader stops its reader thread
+            _close(it)
         if empty:
             raise ValueError("the loader yields no batches")
         epoch += 1
 
 
-def lr_range_test(model: torch.nn.Module, loss_fn: Callable, loader, backend, optim_cfg: OptimConfig, *,
-                  start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, smoothing: float = 0.9,
-                  blowup: float = 4.0, log: Callable[[str], None] = print) -> LRFindResult:
-    """Run the range test on a copy of ``model`` (the model itself is not changed)."""
+def lr_range_test(cfg: Config, model: torch.nn.Module, loader, backend, *, start_lr: float = 1e-7,
+                  end_lr: float = 10.0, steps: int = 100, smoothing: float = 0.9,
+                  blowup: float = 4.0) -> LRFindResult:
+    """Run the range test on a copy of ``model`` (the model itself is not changed).
+
+    ``cfg`` is the grid point's config: its optimizer, loss, ``optim`` regularisation,
+    ``train.precision`` and (through ``backend``) ``dist.backward_passes_per_step`` apply.
+    """
     if not 0 < start_lr < end_lr:
         raise ValueError(f"expected 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
-    trial = copy.deepcopy(model).to(backend.device)
-    cfg = copy.deepcopy(optim_cfg)
-    cfg.lr = start_lr
-    net, optimizer = backend.wrap(trial, build_optimizer(cfg, trial.parameters()))
+    device = torch.device(backend.device)
+    trial = copy.deepcopy(model).to(device)
+    optim_cfg = copy.deepcopy(cfg.optim)
+    optim_cfg.lr = start_lr
+    net, optimizer = backend.wrap(trial, build_optimizer(optim_cfg, trial.parameters()))
     backend.broadcast_state(net, optimizer)
+    step = TrainStep(cfg, net, trial, optimizer, build_loss(cfg.loss, cfg.data.task), backend, device)
     net.train()
     result = LRFindResult()
     avg, best = 0.0, math.inf
     ratio = end_lr / start_lr
     batches = _batches(loader)
-    for i in range(steps):
-        lr = start_lr * ratio ** (i / (steps - 1))
-        set_lr(optimizer, lr)
-        batch = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        out = net(batch.x.to(backend.device))
-        w = None if batch.w is None else batch.w.to(backend.device)
-        loss, _ = loss_fn(out.float(), batch.y.to(backend.device), w)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        if backend.size > 1:   # every rank takes the same decision on the same mean loss
-            value = float(backend.allreduce_sum(torch.tensor([value], dtype=torch.float64))[0]) / backend.size
-        avg = smoothing * avg + (1 - smoothing) * value
-        smooth = avg / (1 - smoothing ** (i + 1))
-        result.lrs.append(lr)
-        result.losses.append(value)
-        result.smoothed.append(smooth)
-        if not math.isfinite(smooth) or (i > 0 and smooth > blowup * best):
-            result.blowup_lr = lr
-            break
-        if smooth < best:
-            best, result.min_loss_lr = smooth, lr
-    _close_loader_iteration(batches)
+    try:
+        for i in range(steps):
+            lr = start_lr * ratio ** (i / (steps - 1))
+            set_lr(optimizer, lr)
+            value = _global_loss(step(*to_device(next(batches), device)), backend)
+            avg = smoothing * avg + (1 - smoothing) * value
+            smooth = avg / (1 - smoothing ** (i + 1))
+            result.lrs.append(lr)
+            result.losses.append(value)
+            result.smoothed.append(smooth)
+            if not math.isfinite(smooth) or (i > 0 and smooth > blowup * best):
+                result.blowup_lr = lr
+                break
+            if smooth < best:
+                best, result.min_loss_lr = smooth, lr
+    finally:
+        batches.close()
     if result.blowup_lr is not None:
         result.suggestion = result.blowup_lr / 10
     elif result.min_loss_lr is not None:
@@ -154,8 +189,18 @@ def lr_range_test(model: torch.nn.Module, loss_fn: Callable, loader, backend, op
     return result
 
 
-def _close_loader_iteration(gen) -> None:
-    try:
-        gen.close()
-    except Exception:  # noqa: BLE001  closing a finished generator is never fatal
-        pass
+def _global_loss(out: StepResult, backend) -> float:
+    """The step's loss over every rank's rows: sum(loss x den) / sum(den), the figure one
+    process with the whole global batch reports. Every rank gets the same value, so all
+    take the same decision to stop."""
+    loss, den = float(out.loss.detach()), float(out.den)
+    pair = torch.tensor([loss * den, den], dtype=torch.float64)
+    if backend.size > 1:
+        pair = backend.allreduce_sum(pair)
+    return float(pair[0] / pair[1])
+
+
+def _close(iterator) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()   # a prefetching loader stops its reader thread

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpctrain.sweep import RunState
+from hpctrain.runstate import RunState
 
 HEADER = "epoch,step,lr,train_loss,train_accuracy,train_auc,val_loss,val_accuracy,val_auc"
 GRID = {"optim.lr": [10.0 ** -k for k in range(1, 11)],

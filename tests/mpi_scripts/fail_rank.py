@@ -1,7 +1,8 @@
 """Run under `mpirun -np 2`: train a few steps, then rank 1 dies (os._exit) or hangs.
 
 The surviving rank must fail within a bounded time with a clear message instead of waiting
-forever. Usage: python fail_rank.py BACKEND die|hang TIMEOUT_S
+forever. Usage: python fail_rank.py BACKEND die|hang TIMEOUT_S [MARKER_FILE]
+Rank 1 writes MARKER_FILE before it leaves: mpirun may drop a dying rank's last output.
 """
 import os
 import sys
@@ -29,6 +30,9 @@ def main() -> int:
         for step in range(1000):
             if backend.rank == 1 and step == FAIL_AT_STEP:
                 print(f"rank 1: {mode} at step {step}", flush=True)
+                if len(sys.argv) > 4:
+                    with open(sys.argv[4], "w") as marker:
+                        marker.write(f"rank 1: {mode} at step {step}")
                 if mode == "die":
                     os._exit(1)
                 time.sleep(3600)

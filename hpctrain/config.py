@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,16 +35,25 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "rmsprop", "adagrad")
 SCHEDULES = ("none", "step", "power", "exponential", "cosine", "onecycle", "plateau")
 LOSSES = ("auto", "mse", "mae", "huber", "bce", "ce")
 BACKENDS = ("auto", "none", "horovod", "torch", "mpi")
+# Patterns are matched against the whole value (full_match), never with re.match: `$` also
+# matches before a final newline, so "debug\n" would pass and break an #SBATCH line.
 SLURM_WORD = r"^[A-Za-z0-9_.,:+@%=-]+$"  # partition/account/qos names: no spaces, no shell metacharacters
 SLURM_CONSTRAINT = r"^[A-Za-z0-9_.,:+@%=&|()\[\]*-]+$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # newlines and other control characters; tab is fine
+
+
+def full_match(pattern: str, value: str) -> bool:
+    """True when ``pattern`` matches all of ``value`` (a trailing newline included)."""
+    return re.fullmatch(pattern, value) is not None
 
 
 def spec(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None,
-         pattern=None, length=None, help: str = "", default_factory: Any = dataclasses.MISSING):
+         pattern=None, length=None, single_line=False, help: str = "",
+         default_factory: Any = dataclasses.MISSING):
     """A dataclass field with validation metadata."""
     meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern,
-            "length": length, "help": help}
+            "length": length, "single_line": single_line, "help": help}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -176,8 +187,9 @@ class SlurmConfig:
     preempt_signal: str = spec("USR2", choices=("USR1", "USR2"),
                                help="signal that asks a job to checkpoint and requeue (NCCL may own USR1)")
     max_requeues: int = spec(3, ge=0)
-    setup: list[str] = spec(default_factory=list, help="shell lines run before the job (module load ...)")
-    srun_args: list[str] = spec(default_factory=list)
+    setup: list[str] = spec(default_factory=list, single_line=True,
+                            help="shell lines run before the job (module load ...)")
+    srun_args: list[str] = spec(default_factory=list, single_line=True)
 
 
 @dataclass
@@ -263,8 +275,9 @@ def _check_scalar(path: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {_show(value)}")
         value = float(value)
-        if value != value:
-            raise ConfigError(f"{path}: expected a number, got NaN")
+        if not math.isfinite(value):
+            # inf passes every bound (lr > 0) and NaN fails none: both would reach the trainer.
+            raise ConfigError(f"{path}: expected a finite number, got {'NaN' if value != value else _show(value)}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_show(value)}")
@@ -286,8 +299,11 @@ def _check_constraints(path: str, value: Any, meta: dict) -> None:
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{path}: {_show(value)} is out of range; expected a value {sym} {bound}")
     pattern = meta.get("pattern")
-    if pattern is not None and not re.match(pattern, value):
+    if pattern is not None and not full_match(pattern, value):
         raise ConfigError(f"{path}: {_show(value)} is not a valid value; expected text matching {pattern}")
+    if meta.get("single_line") and CONTROL_CHARS.search(value):
+        raise ConfigError(f"{path}: {_show(value)} contains a newline or control character; "
+                          "expected a single line per list item")
 
 
 def _build(path: str, value: Any, tp: Any, meta: dict) -> Any:
@@ -315,8 +331,15 @@ def _build(path: str, value: Any, tp: Any, meta: dict) -> Any:
     return _check_scalar(path, value, tp, meta)
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
+    # Resolving the string annotations is the slow part of validation; a class's never change.
     return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _build_dataclass(path: str, raw: Any, cls: type) -> Any:
@@ -326,7 +349,7 @@ def _build_dataclass(path: str, raw: Any, cls: type) -> Any:
         where = path or "the config"
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {_show(raw)}")
     types = _field_types(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     for key in raw:
         if key not in fields:
             full = f"{path}.{key}" if path else str(key)
@@ -337,12 +360,18 @@ def _build_dataclass(path: str, raw: Any, cls: type) -> Any:
     for name, f in fields.items():
         full = f"{path}.{name}" if path else name
         if name in raw:
-            kwargs[name] = _build(full, raw[name], types[name], dict(f.metadata))
+            kwargs[name] = _build(full, raw[name], types[name], f.metadata)
     return cls(**kwargs)
 
 
+# Every key _check_cross_fields reads: a grid that sweeps none of them (nor a section holding
+# one) cannot change the outcome of these rules, so they need checking once, on the base point.
+CROSS_FIELD_KEYS = ("model.output_bounds", "model.output", "data.task", "loss.name", "schedule.milestones",
+                    "data.synth")
+
+
 def _check_cross_fields(cfg: Config) -> None:
-    """Rules that involve more than one key."""
+    """Rules that involve more than one key (keep CROSS_FIELD_KEYS in step)."""
     if cfg.model.output_bounds[0] >= cfg.model.output_bounds[1]:
         raise ConfigError(f"model.output_bounds: {cfg.model.output_bounds} must be [low, high] with low < high")
     if cfg.model.output != "none" and cfg.data.task != "regression":
@@ -370,6 +399,26 @@ def build_config(raw: Any, source: str = "<config>") -> Config:
     return cfg
 
 
+def build_value(dotted: str, value: Any) -> Any:
+    """Validate one value of a dotted key on its own; return it as a Config holds it.
+
+    The error names the key, the value and what was expected, without the file (the caller
+    says where the value came from).
+    """
+    tp, meta = leaf_spec(dotted)
+    return _build(dotted, value, tp, meta)
+
+
+def section_defaults(dotted: str) -> dict:
+    """The resolved mapping of a section key left unset (``data.synth`` -> SynthConfig's defaults)."""
+    tp, _meta = leaf_spec(dotted)
+    if typing.get_origin(tp) is typing.Union:
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if not dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{dotted}: has no sub-keys")
+    return dataclasses.asdict(tp())
+
+
 # --------------------------------------------------------------------------- dotted keys
 
 
@@ -380,7 +429,7 @@ def leaf_spec(dotted: str) -> tuple[Any, dict]:
     for i, part in enumerate(parts):
         if not (dataclasses.is_dataclass(cls)):
             raise ConfigError(f"{dotted}: {'.'.join(parts[:i])} has no sub-keys")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = _fields(cls)
         if part not in fields or part == "grid":
             prefix = ".".join(parts[:i])
             choices = [n for n in fields if n != "grid"]
@@ -475,20 +524,35 @@ def _drop_grid_axis(raw: dict, key: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+EMPTY_HINT = ("a config must at least name its data: data.path, a folder made by `hpctrain data convert` "
+              "or `hpctrain data synth` (with meta.json), or a data.synth section that makes it, "
+              "e.g. `data: {path: data/mine, task: binary}`; see configs/demo.yaml")
+
+
 def read_raw(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-    raw = parse_yaml(text, source=str(path))
-    if raw is None:
-        raw = {}
+    raw = parse_yaml(_decode(data, path), source=str(path))
+    if raw is None or raw == {}:
+        # Not "all defaults": an empty file is far more often a mistake than a wish.
+        raise ConfigError(f"{path}: the config is empty (no keys); {EMPTY_HINT}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {_show(raw)}")
     return raw
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte {e.start} (line {line}) is 0x{data[e.start]:02x}; "
+                          "expected a UTF-8 encoded YAML file (save it as UTF-8)") from None
 
 
 def load_raw(path: str | Path, overrides: list[str] = ()) -> dict:

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Optional
+
+# .<target>.<pid>@<host>.<random>.tmp: the writer's pid and host let a later process tell the
+# leftover of a writer killed mid-write from a live writer's file (hpctrain.tempfiles).
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^/]+)\.[a-z0-9_]+\.tmp$")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> None:
@@ -22,7 +28,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -38,6 +45,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def temp_writer(name: str) -> Optional[tuple[int, str]]:
+    """(pid, host) of the process that made the temp file ``name``; None for any other name,
+    including temp files named before the writer was recorded (``.<target>.<random>.tmp``)."""
+    m = _TEMP_NAME.match(name)
+    return (int(m["pid"]), m["host"]) if m else None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -7,6 +7,7 @@ and the launcher knows nothing of models; both meet here.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -15,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import Config
+from .config import Config, ConfigError, read_raw
 from .errors import DataError, HpctrainError
 from .runstate import RunRecorder, RunState
 from .sweep import RunSpec, SweepDir, default_sweep_dir, expand, load_sweep
-from .config import read_raw
 
 Log = Callable[[str], None]
 
@@ -32,14 +32,61 @@ def prepare_sweep(config_path: str | Path, overrides: list[str] = (), sweep_dir:
     """Validate a config and its whole grid, then (when ``write``) lay out the sweep folder.
 
     Validation comes first, so a bad key or value fails before any file is written or any
-    job submitted. Writing never touches a run's results: only sweep.yaml, grid.jsonl and
-    the runs' config.yaml, and state.json for runs that have none yet.
+    job submitted. The commands pass ``write=False``, make their own checks (data folders,
+    the launch spec, the cluster's limits), and only then call ``sweep.write``. Writing never
+    touches a run's results: only sweep.yaml and grid.jsonl (run folders are made when a run
+    is submitted or starts).
     """
     raw, specs = load_sweep(config_path, list(overrides))
     sweep = SweepDir(sweep_dir if sweep_dir is not None else default_sweep_dir(specs[0].config))
     if write:
         sweep.write(raw, specs)
     return sweep, raw, specs
+
+
+# Grid keys that decide where a point's data comes from.
+_DATA_KEYS = ("data", "data.path", "data.synth")
+
+
+def check_data(specs: list[RunSpec], source: str) -> None:
+    """Every grid point's data.path holds a dataset (its meta.json), or data.synth makes one.
+
+    Found here, before anything is written or submitted, rather than by every element once it
+    runs. Paths are relative to the folder the command runs in, as the runs read them.
+    """
+    from .data.shards import META_FILE
+
+    for spec in _one_per_data_source(specs):
+        data = spec.config.data
+        folder = Path(data.path)
+        if data.synth is not None or (folder / META_FILE).is_file():
+            continue
+        found = "has no meta.json" if folder.is_dir() else "is not a folder" if folder.exists() else "does not exist"
+        where = _grid_point(spec) if any(_is_data_key(k) for k in spec.params) else ""
+        raise ConfigError(f"{source}: data.path: {data.path!r}: the folder {folder.absolute()} {found}; expected "
+                          f"a dataset folder with {META_FILE}, made by `hpctrain data convert` or "
+                          f"`hpctrain data synth`, or a data.synth section that makes it (relative paths start "
+                          f"in the folder the command runs in){where}")
+
+
+def _is_data_key(key: str) -> bool:
+    return key in _DATA_KEYS or key.startswith("data.synth.")
+
+
+def _one_per_data_source(specs: list[RunSpec]) -> list[RunSpec]:
+    """The first grid point of each distinct data.path / data.synth setting (the base's when unswept)."""
+    swept = [k for k in specs[0].params if _is_data_key(k)]  # every point sweeps the same keys
+    if not swept:
+        return specs[:1]
+    first: dict[str, RunSpec] = {}
+    for spec in specs:
+        first.setdefault(json.dumps([spec.params[k] for k in swept], default=str), spec)
+    return list(first.values())
+
+
+def _grid_point(spec: RunSpec) -> str:
+    shown = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
+    return f" (in grid point {spec.index}: {shown})"
 
 
 def load_prepared_sweep(sweep_dir: str | Path) -> tuple[SweepDir, list[RunSpec]]:
@@ -101,25 +148,39 @@ def _check_task(cfg: Config, meta: Any) -> None:
                         f"data.task is {cfg.data.task!r}; expected them to match")
 
 
+def make_run_backend(cfg: Config, log: Log = print) -> Any:
+    """The distributed backend of ``cfg`` on this rank (only rank 0 logs the choice).
+
+    Callers create it before the other parts and shut it down in a ``finally``: a part that
+    fails to build must still leave the group (and abort the MPI job on a lost rank).
+    """
+    from .dist import discover, make_backend
+
+    quiet = discover().rank != 0
+    return make_backend(cfg.dist, device_preference=cfg.train.device, log=_quiet if quiet else log)
+
+
 def build_parts(cfg: Config, *, log: Log = print, backend: Any = None) -> Parts:
     """Backend, data, loaders and model for ``cfg`` on this rank."""
     import torch
 
+    from .data.integrity import verify_on_root
     from .data.loader import ShardLoader
     from .data.shards import open_dataset
     from .data.synthetic import ensure_synthetic
-    from .dist import discover, make_backend
+    from .dist import discover
     from .model import build_model
 
     env = discover()
     if backend is None:
-        backend = make_backend(cfg.dist, device_preference=cfg.train.device, log=log if env.rank == 0 else _quiet)
+        backend = make_run_backend(cfg, log)
     _set_threads(cfg, getattr(env, "local_size", 1))
     if cfg.data.synth is not None:
         if backend.is_root:
             ensure_synthetic(cfg.data)
         backend.barrier()
     dataset = open_dataset(cfg.data.path)
+    verify_on_root(dataset, backend, log=log if backend.is_root else _quiet)  # sha256s; rank 0 hashes once
     _check_task(cfg, dataset.meta)
     cfg = scale_lr(cfg, backend.size, log if backend.is_root else _quiet)
 
@@ -172,8 +233,8 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
     started = time.time()
     backend = None
     try:
-        parts = build_parts(spec.config, log=log)
-        backend = parts.backend
+        backend = make_run_backend(spec.config, log)
+        parts = build_parts(spec.config, log=log, backend=backend)
         if is_root:
             recorder.running(total_epochs=spec.config.train.epochs, world_size=backend.size,
                              backend=backend.name, job_id=job_id)
@@ -188,7 +249,7 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
         message = str(exc) if plain else f"{type(exc).__name__}: {exc}"
         if is_root:
             recorder.failed(message, time.time() - started)
-        if not isinstance(exc, HpctrainError):
+        if not plain:  # an expected failure (bad input, a lost rank) is one line, printed by its owner
             log(traceback.format_exc())
         raise
     finally:

@@ -1,8 +1,12 @@
-"""Shared fixtures: the repository paths and a real local Slurm cluster.
+"""Shared fixtures: the repository paths and a real local Slurm cluster; ``require``.
 
 ``slurm_cluster`` starts the cluster with scripts/local-slurm.sh once per test session
 (a cluster already running under the same folder is reused and left running) and
 exports SLURM_CONF to the tests and the processes they start.
+
+``require(available, what)`` skips a test whose tool (mpirun, scontrol, Horovod) is
+missing, except where HPCTRAIN_REQUIRE_ALL=1 (CI, ``make test``): there it fails, so a
+broken install cannot pass as a run of skips.
 """
 from __future__ import annotations
 
@@ -19,6 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+def require(available: bool, what: str) -> None:
+    """Go on when ``available``; else skip, or fail where HPCTRAIN_REQUIRE_ALL=1."""
+    if available:
+        return
+    if os.environ.get("HPCTRAIN_REQUIRE_ALL") == "1":
+        pytest.fail(f"{what} (HPCTRAIN_REQUIRE_ALL=1: every test must run here)", pytrace=False)
+    pytest.skip(what)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -26,10 +39,10 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """SLURM_CONF of a running single-node cluster; skips only when it cannot be started here."""
+    """SLURM_CONF of a running single-node cluster; skips (see ``require``) only when it cannot be started here."""
     script = REPO / "scripts" / "local-slurm.sh"
-    if shutil.which("slurmctld") is None and os.geteuid() != 0:
-        pytest.skip("Slurm is not installed and installing it needs root (scripts/local-slurm.sh)")
+    require(shutil.which("slurmctld") is not None or os.geteuid() == 0,
+            "Slurm is not installed and installing it needs root (scripts/local-slurm.sh)")
     status = subprocess.run([str(script), "status"], capture_output=True, text=True, timeout=60)
     was_running = status.returncode == 0
     started = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)

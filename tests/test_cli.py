@@ -54,3 +54,20 @@ def test_misspelt_key_in_file_names_key_path(tmp_path):
 def test_index_out_of_range(tmp_path):
     out = hpctrain("run", "configs/demo.yaml", "--index", "99", "--sweep-dir", str(tmp_path / "s"))
     assert out.returncode == 2 and "--index 99 is out of range" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_non_utf8_config_is_an_error_naming_the_file_and_byte(tmp_path):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes(b"name: caf\xe9\n")
+    out = hpctrain("submit", str(cfg), "--dry-run", "--executor", "local")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(cfg) in out.stderr and "byte 9" in out.stderr and "UTF-8" in out.stderr
+
+
+def test_empty_config_is_refused_not_run_with_defaults(tmp_path):
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("# nothing here yet\n")
+    out = hpctrain("run", str(cfg), "--sweep-dir", str(tmp_path / "s"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(cfg) in out.stderr and "empty" in out.stderr and "data" in out.stderr
+    assert not (tmp_path / "s").exists()

@@ -88,7 +88,7 @@ def make_sweep(root: Path, name: str = "demo") -> tuple[Path, dict]:
     models = {}
     for spec in specs:
         status, epochs, floor, acc = PLAN[spec.index]
-        run_dir = sweep.run_dir(spec.run_id)
+        run_dir = sweep.prepare_run(spec)  # as submitting the run does
         if status == "pending":
             continue
         text = metrics_text(spec.index, epochs, floor, acc)

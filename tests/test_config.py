@@ -68,6 +68,13 @@ def test_int_is_accepted_for_float_and_converted():
     ({"slurm": {"setup": "module load x"}}, "slurm.setup", ["expected a list of strings"]),
     ({"seed": -1}, "seed", ["out of range"]),
     ({"grid": [1, 2]}, "grid", ["expected a mapping"]),
+    ({"optim": {"lr": float("inf")}}, "optim.lr", ["expected a finite number", ".inf"]),
+    ({"optim": {"weight_decay": float("inf")}}, "optim.weight_decay", ["expected a finite number", ".inf"]),
+    ({"optim": {"max_norm": float("inf")}}, "optim.max_norm", ["expected a finite number"]),
+    ({"optim": {"betas": [0.9, float("-inf")]}}, "optim.betas[1]", ["expected a finite number", "-.inf"]),
+    ({"model": {"leaky_slope": float("inf")}}, "model.leaky_slope", ["expected a finite number"]),
+    ({"slurm": {"mem_gb": float("inf")}}, "slurm.mem_gb", ["expected a finite number"]),
+    ({"optim": {"lr": float("nan")}}, "optim.lr", ["expected a finite number", "NaN"]),
 ])
 def test_validation_errors_name_key_value_and_expectation(raw, key, words):
     with pytest.raises(ConfigError) as err:
@@ -102,8 +109,27 @@ def test_missing_and_malformed_files(tmp_path):
     scalar = write(tmp_path, "42\n", "s.yaml")
     with pytest.raises(ConfigError, match="expected a mapping of config sections"):
         load_raw(scalar)
-    empty = write(tmp_path, "", "e.yaml")
-    assert load_raw(empty) == {}
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n", "{}\n"])
+def test_empty_config_is_refused_naming_the_file_and_what_is_expected(tmp_path, text):
+    empty = write(tmp_path, text, "e.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_raw(empty)
+    message = str(err.value)
+    assert message.startswith(f"{empty}: ") and "empty" in message
+    assert "data" in message and "path" in message  # what a config must at least say
+
+
+def test_non_utf8_file_names_the_file_and_byte_offset(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: demo\noptim: {name: adam}  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_raw(bad)
+    message = str(err.value)
+    offset = bad.read_bytes().index(b"\xe9")
+    assert message.startswith(f"{bad}: ")
+    assert f"byte {offset}" in message and "UTF-8" in message
 
 
 def test_overrides_are_yaml_typed_lists_included():
@@ -150,3 +176,30 @@ def test_leaf_spec_rejects_sections_beyond_leaves():
     assert meta["choices"] == ("binary", "multiclass", "regression")
     with pytest.raises(ConfigError, match="no such config key"):
         leaf_spec("grid")
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"name": "abc\n"}, "name"),
+    ({"slurm": {"partition": "debug\n"}}, "slurm.partition"),
+    ({"slurm": {"account": "abc123\n"}}, "slurm.account"),
+    ({"slurm": {"qos": "normal\n"}}, "slurm.qos"),
+    ({"slurm": {"constraint": "a100\n"}}, "slurm.constraint"),
+    ({"train": {"monitor": "val_loss\n"}}, "train.monitor"),
+])
+def test_patterns_match_the_whole_value_not_up_to_a_final_newline(raw, key):
+    # `$` also matches just before a final newline: "abc\n" would make the folder sweeps/abc\n/
+    # and "debug\n" a blank line in the #SBATCH header.
+    with pytest.raises(ConfigError) as err:
+        build(raw)
+    assert str(err.value).startswith(f"c.yaml: {key}:") and "not a valid value" in str(err.value)
+
+
+def test_infinite_floats_are_refused_in_files_overrides_and_grids(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number, got \.inf"):
+        build(load_raw(path))
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number, got -\.inf"):
+        build(apply_overrides({}, ["optim.lr=-.inf"]))
+    from hpctrain.sweep import expand
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number.*grid point 1"):
+        expand({"grid": {"optim.lr": [0.1, float("inf")]}}, "c.yaml")

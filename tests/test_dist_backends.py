@@ -12,6 +12,7 @@ from hpctrain.config import DistConfig
 from hpctrain.dist import NoneBackend, make_backend
 from hpctrain.dist.backends import collective_failure_message, horovod_stall_settings
 from hpctrain.errors import ConfigError
+from conftest import require
 from mpi_scripts.launch import mpirun_available, results, run_mpi, run_srun, run_torchrun_style
 
 # Float32 round-off of a few steps on a tiny MLP; a wrong average (sum, or one rank's gradient) is > 1e-2.
@@ -19,8 +20,7 @@ TOL = 1e-5
 
 
 def _launch_mpi(backend: str) -> dict:
-    if not mpirun_available():
-        pytest.skip("mpirun is not installed")
+    require(mpirun_available(), "mpirun is not installed")
     out = run_mpi("check_backend.py", backend, np=2, timeout=90)
     assert out.returncode == 0, f"{backend} ranks failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     found = results(out.stdout)

@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from hpctrain.dist.env import RankEnv, discover, expand_nodelist, expand_tasks_per_node, slurm_rendezvous_port
+from conftest import require
 from hpctrain.errors import HpctrainError
 from mpi_scripts.launch import clean_env, mpirun_available, results, run_mpi, run_srun
 
@@ -90,8 +91,7 @@ def test_expand_nodelist(nodelist, hosts):
 
 
 def test_expand_nodelist_agrees_with_scontrol(tmp_path):
-    if shutil.which("scontrol") is None:
-        pytest.skip("scontrol is not installed")
+    require(shutil.which("scontrol") is not None, "scontrol is not installed")
     # `scontrol show hostnames` only parses; a minimal config lets it run without a cluster.
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=probe\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n"
@@ -116,8 +116,7 @@ def test_tasks_per_node():
 
 @pytest.mark.mpi
 def test_discovery_under_real_mpirun():
-    if not mpirun_available():
-        pytest.skip("mpirun is not installed")
+    require(mpirun_available(), "mpirun is not installed")
     out = run_mpi("print_env.py", np=2, timeout=60)
     assert out.returncode == 0, out.stderr
     found = {r["rank"]: r for r in results(out.stdout).values()}

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
+from conftest import require
 from mpi_scripts.launch import mpirun_available, run_mpi
 
 TIMEOUT_S = 8  # dist.timeout_s of the ranks: short, yet longer than a late start on a loaded machine
 
 
 def _run(backend: str, mode: str, marker):
-    if not mpirun_available():
-        pytest.skip("mpirun is not installed")
+    require(mpirun_available(), "mpirun is not installed")
     start = time.monotonic()
     out = run_mpi("fail_rank.py", backend, mode, str(TIMEOUT_S), str(marker), np=2, timeout=60)
     return out, time.monotonic() - start, out.stdout + out.stderr

@@ -15,7 +15,10 @@ def _sweep(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"name": "st", "train": {"epochs": 4},
                                       "grid": {"optim.lr": [0.1, 0.01, 0.001], "model.hidden": [[8], [4, 4]]}}))
-    return prepare_sweep(config, [], tmp_path / "sw")
+    sweep, raw, specs = prepare_sweep(config, [], tmp_path / "sw")
+    for spec in specs:
+        sweep.prepare_run(spec)  # as submitting them does: a folder and a pending state each
+    return sweep, raw, specs
 
 
 def test_status_survives_partial_and_missing_state_files(tmp_path):

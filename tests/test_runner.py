@@ -59,8 +59,8 @@ def test_run_writes_every_file_of_a_run(tmp_path):
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(rd / "checkpoints" / name, weights_only=True)
         assert ckpt["model_meta"]["n_features"] == 6 and len(ckpt["model_meta"]["mean"]) == 6
-    # the other grid point is laid out but untouched
-    assert json.loads((run_dir(sweep, 0) / "state.json").read_text())["status"] == "pending"
+    # the other grid point is untouched: it gets its folder when it is submitted or runs
+    assert not run_dir(sweep, 0).exists()
     # running the finished point again resumes from its last checkpoint and changes nothing
     before = (rd / "metrics.csv").read_bytes()
     again = hpctrain("run", str(small_config(tmp_path)), "--index", "1", "--sweep-dir", str(sweep))
@@ -78,15 +78,14 @@ def test_run_under_mpirun_uses_two_ranks(tmp_path):
     assert out.stdout.count("epoch 3/3") == 1  # only rank 0 reports
 
 
-def test_missing_dataset_fails_the_run_with_the_file_named(tmp_path):
+def test_missing_dataset_is_refused_with_the_folder_named_before_anything_is_written(tmp_path):
     cfg = small_config(tmp_path)
     cfg.write_text(cfg.read_text().replace("  synth: {rows: 2000, features: 6, shards: 3}\n", ""))
     sweep = tmp_path / "sweep"
     out = hpctrain("run", str(cfg), "--sweep-dir", str(sweep))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert str(tmp_path / "data") in out.stderr
-    state = json.loads((run_dir(sweep, 0) / "state.json").read_text())
-    assert state["status"] == "failed" and str(tmp_path / "data") in state["message"]
+    assert "data.path" in out.stderr and str(tmp_path / "data") in out.stderr
+    assert not sweep.exists()
 
 
 def test_task_mismatch_names_meta_json(tmp_path):

@@ -305,3 +305,23 @@ def test_sbatch_element_preempted_by_signal_or_scontrol_requeue_resumes_with_ide
     logs = {i: (interrupted / "logs" / f"{array}_{i}.out").read_text() for i in (0, 1)}
     assert "requeued job " + elements[0] in logs[0] and "resumed from last.pt" in logs[0]
     assert "SIGTERM" in logs[1] and "resumed from last.pt" in logs[1]
+
+
+def test_two_submits_at_the_same_moment_submit_one_array(slurm_cluster, tmp_path):
+    config = write_config(tmp_path, "twice", backend=BACKEND)
+    sweep = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "hpctrain", "submit", str(config), "--executor", "slurm", "--sweep-dir", str(sweep),
+           "--no-collect"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stdout = [o[0] for o in outs]
+    assert sum("submitted job array" in o for o in stdout) == 1, stdout
+    assert sum("nothing to submit" in o for o in stdout) == 1, stdout
+    wait_until(lambda: all_final(sweep), 300, "the 4 runs to finish", poll=2)
+    arrays = {s["slurm_job_id"].split("_")[0] for s in states(sweep).values()}
+    assert len(arrays) == 1 and all(s["status"] == "done" and s["requeues"] == 0 for s in states(sweep).values())
+    entries = [json.loads(line) for line in (sweep / "submissions.jsonl").read_text().splitlines()]
+    assert [e.get("array_id") for e in entries if e.get("array_id")] == list(arrays)
+    assert not (sweep / ".submit.lock").exists()

@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import HpctrainError
-    from ..runner import build_parts, pick, prepare_sweep
+    from ..runner import build_parts, make_run_backend, pick, prepare_sweep
     from ..train.lr_find import lr_range_test
 
     if args.steps < 2:
@@ -38,8 +38,10 @@ def main(args: argparse.Namespace) -> int:
     _, _, specs = prepare_sweep(args.config, list(args.overrides), write=False)
     spec = pick(specs, args.index, args.config)
     cfg = spec.config
-    parts = build_parts(cfg, log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    backend = make_run_backend(cfg, log)
     try:
+        parts = build_parts(cfg, log=log, backend=backend)
         result = lr_range_test(parts.cfg, parts.model, _shared_batches(parts.cfg, parts.backend), parts.backend,
                                start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         if parts.backend.is_root:
@@ -53,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
             print(result.summary())
             print(f"wrote {out / 'lr_find.png'} and {out / 'lr_find.csv'}")
     finally:
-        parts.backend.shutdown()
+        backend.shutdown()
     return 0
 
 

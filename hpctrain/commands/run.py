@@ -37,12 +37,13 @@ def main(args: argparse.Namespace) -> int:
     from ..dist.backends import CollectiveError
     from ..errors import HpctrainError
     from ..launch.element import run_element
-    from ..runner import pick, prepare_sweep
+    from ..runner import check_data, pick, prepare_sweep
 
     is_root = discover().rank == 0
     overrides = list(args.overrides) + quick_check_overrides(args)
     sweep, raw, specs = prepare_sweep(args.config, overrides, args.sweep_dir, write=False)
     spec = pick(specs, args.index, args.config)
+    check_data([spec], args.config)  # before anything is written
     if is_root:
         sweep.write(raw, specs)
         print(f"run {spec.index}/{len(specs)}: {spec.run_id} in {sweep.run_dir(spec.run_id)}", flush=True)

@@ -20,15 +20,21 @@ A collective that fails (a rank died, or stopped for longer than ``dist.timeout_
 ``CollectiveError`` with a message naming the rank and the timeout; ``shutdown()`` called
 while such an error propagates aborts the MPI job, so the other ranks do not hang in
 ``MPI_Finalize`` waiting for a rank that will never arrive.
+
+Otherwise ``shutdown()`` leaves the group before the interpreter finalises: no thread of a
+communication library may outlive it (see ``TorchBackend._teardown``).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import math
 import os
 import socket
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -458,10 +464,15 @@ class TorchBackend(Backend):
                          local_size=env.local_size, device=device, timeout_s=dist_cfg.timeout_s,
                          backward_passes_per_step=dist_cfg.backward_passes_per_step, log=log)
         self.pg_backend = "nccl" if device.type == "cuda" else "gloo"
+        self._wrapped: weakref.WeakSet = weakref.WeakSet()  # DDP wrappers, released by shutdown()
         timeout = datetime.timedelta(seconds=dist_cfg.timeout_s)
         if not dist.is_initialized():
+            _import_group_defaults()
             self._init_process_group(env, timeout)
         self.dist = dist
+        # A path that never reaches shutdown() (an error while the run is being built) must
+        # still leave the group while the interpreter is intact; atexit runs before it finalises.
+        atexit.register(self.shutdown)
 
     def _init_process_group(self, env: RankEnv, timeout: datetime.timedelta) -> None:
         import torch.distributed as dist
@@ -490,6 +501,7 @@ class TorchBackend(Backend):
         # also copies rank 0's parameters and buffers to every rank.
         with self.collective_errors():
             ddp = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self._wrapped.add(ddp)
         return ddp, optimizer
 
     def accumulation_context(self, model, is_last_micro_step: bool):
@@ -533,8 +545,53 @@ class TorchBackend(Backend):
         self.dist.broadcast(flat, src=0)
 
     def _teardown(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        """Free the process group now, so that its worker threads end before the interpreter does.
+
+        destroy_process_group() only forgets the group; the group itself, and with it Gloo's
+        worker threads, lives until its last reference goes. A worker thread that outlives
+        the interpreter's finalisation dies when it drops the last reference to a tensor
+        with a Python object (it then needs the GIL): "terminate called without an active
+        exception", status 134, after a run that finished. So every holder goes first:
+        the DDP wrappers (whoever still references them: the trainer, a traceback), then
+        unreachable cycles; the last reference then goes inside destroy_process_group(),
+        and the group's destructor drains its queue and joins its threads.
+        """
+        atexit.unregister(self.shutdown)
+        for ddp in list(self._wrapped):
+            _release_ddp(ddp)
+        self._wrapped.clear()
+        gc.collect()
+        if not self.dist.is_initialized():
+            return
+        group = weakref.ref(self.dist.group.WORLD)
+        self.dist.destroy_process_group()
+        if group() is not None:
+            gc.collect()
+        if group() is not None:
+            print(f"hpctrain: warning: rank {self.rank}: the torch.distributed process group is still referenced "
+                  "after destroy_process_group(); its worker threads may outlive the interpreter",
+                  file=sys.stderr, flush=True)
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn before the default process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated on import.
+    Imported after init_process_group (DDP's first construction imports it, through
+    torch._dynamo), those defaults hold the default group until the interpreter
+    finalises, out of reach of destroy_process_group(); imported first, they are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def _release_ddp(ddp) -> None:
+    """Drop what a DDP wrapper holds of the process group; the wrapper cannot train afterwards.
+
+    The reducer (its bucket tensors and a C++ reference to the group), the logger (which
+    holds the reducer) and the group itself: the attributes DDP drops when it is pickled.
+    """
+    for name in ("logger", "reducer", "process_group"):
+        ddp.__dict__.pop(name, None)
 
 
 # --------------------------------------------------------------------------- choice

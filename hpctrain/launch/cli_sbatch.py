@@ -1,7 +1,8 @@
 """``hpctrain sbatch CONFIG -o jobs/NAME.sbatch``: a self-contained job array script.
 
-For users who submit with ``sbatch`` themselves. The sweep folder is laid out now (so the
-config and grid are validated, and the script runs the sweep.yaml written there).
+For users who submit with ``sbatch`` themselves. The config, the grid, the data folders and
+the script are checked first; then the sweep folder is laid out (the script runs the
+sweep.yaml written there).
 """
 from __future__ import annotations
 
@@ -21,13 +22,20 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..fsutil import atomic_write_text
-    from ..runner import prepare_sweep
+    from ..runner import check_data, prepare_sweep
+    from . import slurm
+    from .lock import SweepLock
     from .sbatch import render_array_script
 
-    sweep, _raw, specs = prepare_sweep(args.config, list(args.overrides), args.sweep_dir)
+    sweep, raw, specs = prepare_sweep(args.config, list(args.overrides), args.sweep_dir, write=False)
     cfg = specs[0].config
+    check_data(specs, args.config)
+    if slurm.slurm_available():  # the array's indices are the grid's: 0..N-1
+        slurm.check_array_limit(len(specs), len(specs))
     script = render_array_script(cfg, sweep_dir=sweep.root, config_path=sweep.config_path,
                                  indices=range(len(specs)), python=args.python)
+    with SweepLock(sweep.root):
+        sweep.write(raw, specs)
     (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
     if args.output is None:
         sys.stdout.write(script)

@@ -1,13 +1,20 @@
 """``hpctrain submit CONFIG [a.b=c ...]``: the grid as one Slurm job array (or local processes).
 
-Validation first: the config and every grid point are checked and the sweep folder laid
-out before anything is submitted. Submitting a sweep again runs only what is not finished.
+Validation first: the config, every grid point, the data folders, the launch spec and the
+cluster's limits are checked before anything is written; then the sweep folder is laid out
+and the grid submitted. Submitting a sweep again runs only what is not finished.
+
+One submitter at a time: the sweep's lock (launch/lock.py) is held from laying out the
+folder until every job id is recorded (with a local executor, until the elements end); a
+second submit waits for it, then finds those runs queued.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from .lock import SweepLock
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -26,16 +33,31 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..runner import prepare_sweep
+    from ..runner import check_data, prepare_sweep
     from . import slurm
 
-    sweep, _raw, specs = prepare_sweep(args.config, list(args.overrides), args.sweep_dir, write=not args.dry_run)
+    sweep, raw, specs = prepare_sweep(args.config, list(args.overrides), args.sweep_dir, write=False)
     cfg = specs[0].config
+    check_data(specs, args.config)
     executor = slurm.resolve_executor(args.executor)
     queued = slurm.queued_job_ids() if executor == "slurm" else None
     selection = slurm.select_runs(sweep, specs, args.rerun, queued)
+    _check_executor(executor, cfg, sweep, len(selection.indices), len(specs))
     if args.dry_run:
         return _dry_run(cfg, sweep, specs, selection, executor)
+    with SweepLock(sweep.root):
+        return _submit_locked(args, sweep, raw, specs, executor)
+
+
+def _submit_locked(args: argparse.Namespace, sweep, raw, specs, executor: str) -> int:
+    """Lay out the sweep and submit what is unfinished, holding the sweep's lock."""
+    from . import slurm
+
+    cfg = specs[0].config
+    sweep.write(raw, specs)
+    # Selected again under the lock: a submit that waited for another finds the runs it queued.
+    queued = slurm.queued_job_ids() if executor == "slurm" else None
+    selection = slurm.select_runs(sweep, specs, args.rerun, queued)
     _report_skipped(selection, len(specs))
     if not selection.indices:
         print(f"nothing to submit: all {len(specs)} run(s) of {sweep.root} are finished or queued "
@@ -49,6 +71,17 @@ def main(args: argparse.Namespace) -> int:
     if executor == "slurm":
         return _submit_slurm(cfg, sweep, specs, selection.indices, collect=not args.no_collect)
     return _run_here(executor, cfg, sweep, specs, selection.indices, collect=not args.no_collect)
+
+
+def _check_executor(executor: str, cfg, sweep, elements: int, grid_size: int) -> None:
+    """What the executor would refuse once the sweep folder is written, found before it is."""
+    from . import local, slurm
+
+    if executor == "slurm":
+        slurm.check_submission(cfg, sweep, elements, grid_size)
+    elif executor == "local":
+        # Raises when elements of several tasks need mpirun and there is none on PATH.
+        local.element_command(sweep.root, 0, cfg.slurm.nodes * cfg.slurm.tasks_per_node)
 
 
 def _report_skipped(selection, total: int) -> None:
@@ -67,9 +100,9 @@ def _dry_run(cfg, sweep, specs, selection, executor: str) -> int:
 
     print(f"# sweep {cfg.name} in {sweep.root}: {len(specs)} grid point(s); would run {len(selection.indices)} "
           f"with executor {executor}")
-    for spec in specs:
-        mark = "run " if spec.index in selection.indices else "skip"
-        print(f"# {mark} {spec.index:4d} {spec.run_id}  {json.dumps(spec.params, sort_keys=True)}")
+    chosen = set(selection.indices)  # a list lookup per point would make a large grid quadratic
+    sys.stdout.write("".join(f"# {'run ' if spec.index in chosen else 'skip'} {spec.index:4d} {spec.run_id}  "
+                             f"{json.dumps(spec.params, sort_keys=True)}\n" for spec in specs))
     if not selection.indices:
         return 0
     if executor == "slurm":

@@ -22,7 +22,7 @@ from ..fsutil import atomic_write_text
 from ..runstate import FINAL_STATUSES, read_state
 from ..sweep import RunSpec, SweepDir
 from .sbatch import render_collector_script
-from .spec import sbatch_options, setup_lines, srun_args, submitit_parameters
+from .spec import check_path, sbatch_options, setup_lines, srun_args, submitit_parameters
 
 Log = Callable[[str], None]
 RERUN_CHOICES = ("none", "failed", "diverged", "all")
@@ -57,6 +57,28 @@ def resolve_executor(name: str) -> str:
     return name
 
 
+def max_array_size(timeout: float = 30) -> Optional[int]:
+    """The cluster's MaxArraySize (array indices must stay below it); None when none answers."""
+    result = run_cmd(["scontrol", "show", "config"], timeout)
+    if result.returncode != 0:
+        return None
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", result.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def check_array_limit(elements: int, grid_size: int) -> None:
+    """Refuse an array with indices 0..elements-1 that the cluster would reject (``Invalid job
+    array specification``), before anything is written. Splitting the grid is the user's call."""
+    limit = max_array_size()
+    if limit is None or elements <= limit:
+        return
+    raise HpctrainError(
+        f"the sweep has {grid_size} grid point(s); a job array of {elements} element(s) (indices 0..{elements - 1}) "
+        f"is more than this cluster takes: its MaxArraySize is {limit} (indices must stay below it; "
+        "`scontrol show config`). Expected at most that many points: sweep fewer values, or fix a swept key "
+        "with KEY=VALUE and submit the rest as another sweep")
+
+
 _RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 
 
@@ -67,7 +89,7 @@ def queued_job_ids(timeout: float = 30) -> Optional[set[str]]:
         return None
     ids: set[str] = set()
     for line in result.stdout.split():
-        match = _RANGE.match(line)
+        match = _RANGE.fullmatch(line)
         if not match:
             ids.add(line.strip())
             continue
@@ -124,8 +146,9 @@ def select_runs(sweep: SweepDir, specs: list[RunSpec], rerun: str = "none",
     if rerun not in RERUN_CHOICES:
         raise HpctrainError(f"--rerun {rerun!r}: expected one of {', '.join(RERUN_CHOICES)}")
     sel = Selection()
+    on_disk = sweep.run_ids_on_disk()  # a run without a folder is pending: no file to look for
     for spec in specs:
-        state = read_state(sweep.run_dir(spec.run_id))
+        state = read_state(sweep.run_dir(spec.run_id)) if spec.run_id in on_disk else None
         status = state.status if state else "pending"
         job = state.slurm_job_id if state else None
         if queued is not None and job and job in queued and status in ("pending", "running", "preempted"):
@@ -154,6 +177,15 @@ def set_aside(sweep: SweepDir, spec: RunSpec) -> Path:
 
 
 # --------------------------------------------------------------------------- submitit
+
+
+def check_submission(cfg: Config, sweep: SweepDir, elements: int, grid_size: int) -> None:
+    """What a submission would find too late: every value that reaches the array's script or
+    the collector's (the launch spec, the sweep folder's path), and the cluster's array limit."""
+    sbatch_options(cfg.slurm, cfg.name)
+    srun_args(cfg.slurm)
+    check_path(sweep.root.absolute(), "the sweep folder")
+    check_array_limit(elements, grid_size)
 
 
 def executor_for(cfg: Config, sweep: SweepDir):
@@ -193,6 +225,10 @@ def submit_array(cfg: Config, sweep: SweepDir, specs: list[RunSpec], indices: li
     """One job array, element k running grid point indices[k]; pending states record its id."""
     from .worker import Worker
 
+    for index in indices:
+        # Made before the job exists, so that a pending state can never replace the state of
+        # an element that already started.
+        sweep.prepare_run(specs[index])
     executor = executor_for(cfg, sweep)
     worker = Worker(str(sweep.root.absolute()), cfg.slurm.max_requeues)
     with executor.batch():

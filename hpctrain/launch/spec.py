@@ -11,15 +11,14 @@ user's own shell code, so they are only checked to be single lines.
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
-from ..config import NAME_PATTERN, SLURM_CONSTRAINT, SLURM_WORD, SlurmConfig
+from ..config import CONTROL_CHARS, NAME_PATTERN, SLURM_CONSTRAINT, SLURM_WORD, SlurmConfig, full_match
 from ..errors import ConfigError
 
-# Paths that go into #SBATCH lines and scripts: plain characters only.
+# Paths that go into #SBATCH lines and scripts: plain characters only (matched whole: a
+# trailing newline would end the #SBATCH line early).
 SAFE_PATH = r"^[A-Za-z0-9_./+=,@%:~-]+$"
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 Options = list[tuple[str, Optional[str]]]  # (option, value); None for a flag such as --requeue
 
@@ -31,21 +30,21 @@ def check_setup_line(line: str, where: str = "slurm.setup") -> str:
     """A setup line runs as written (module load, source venv/bin/activate); it must be one line."""
     if not isinstance(line, str):
         raise ConfigError(f"{where}: expected a string, got {line!r}")
-    if _CONTROL.search(line):
+    if CONTROL_CHARS.search(line):
         raise ConfigError(f"{where}: {line!r} contains a newline or control character; "
                           "expected one shell command per list item")
     return line
 
 
 def check_word(value: Optional[str], key: str, pattern: str = SLURM_WORD) -> Optional[str]:
-    if value is not None and not re.match(pattern, value):
+    if value is not None and not full_match(pattern, value):
         raise ConfigError(f"{key}: {value!r} is not a valid value; expected text matching {pattern}")
     return value
 
 
 def check_path(path: str | os.PathLike, what: str) -> str:
     text = str(path)
-    if not re.match(SAFE_PATH, text):
+    if not full_match(SAFE_PATH, text):
         raise ConfigError(f"{what}: {text!r} contains spaces or shell characters; expected a path "
                           f"matching {SAFE_PATH} (it is written into #SBATCH lines)")
     return text
@@ -62,7 +61,7 @@ def validate_slurm(cfg: SlurmConfig) -> None:
     for i, line in enumerate(cfg.setup):
         check_setup_line(line, f"slurm.setup[{i}]")
     for i, arg in enumerate(cfg.srun_args):
-        if not isinstance(arg, str) or _CONTROL.search(arg):
+        if not isinstance(arg, str) or CONTROL_CHARS.search(arg):
             raise ConfigError(f"slurm.srun_args[{i}]: {arg!r}: expected one srun option per item, "
                               "without newlines or control characters")
 

@@ -8,8 +8,11 @@ bytes were altered fails the digest. Either way the loader names the file and mo
 the next candidate (``last.pt`` -> ``previous.pt`` -> ``best.pt``).
 
 Writes go through :mod:`hpctrain.fsutil` (temp file, fsync, rename). Before a new
-``last.pt`` replaces the old one, the old one is renamed to ``previous.pt``, so one good
-checkpoint survives a crash at any moment.
+``last.pt`` replaces the old one, the old one is verified and renamed to ``previous.pt``, so
+one good checkpoint survives a crash at any moment. A ``last.pt`` that fails verification is
+moved to ``last.pt.corrupt`` instead: it must never replace a good ``previous.pt`` (a run that
+resumed from ``previous.pt`` past a truncated ``last.pt`` would otherwise lose its only good
+checkpoint at its next save).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ..fsutil import atomic_write_bytes
 FORMAT = "hpctrain-checkpoint-1"
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 RESUME_ORDER = (LAST, PREVIOUS, BEST)
+CORRUPT_SUFFIX = ".corrupt"  # a last.pt that failed verification, kept for a look, never resumed from
 
 
 class CheckpointError(HpctrainError):
@@ -67,16 +71,31 @@ def serialize(payload: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_checkpoint(path: str | os.PathLike, data: bytes, keep_previous: bool = False) -> None:
-    """Atomically write checkpoint bytes; with ``keep_previous`` the old file becomes previous.pt."""
+def write_checkpoint(path: str | os.PathLike, data: bytes, keep_previous: bool = False,
+                     log: Callable[[str], None] = print) -> None:
+    """Atomically write checkpoint bytes; with ``keep_previous`` the old file, if it verifies,
+    becomes previous.pt."""
     path = Path(path)
     if keep_previous and path.exists():
-        os.replace(path, path.with_name(PREVIOUS))
+        _retire(path, log)
     atomic_write_bytes(path, data)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> None:
-    write_checkpoint(path, serialize(payload), keep_previous)
+def _retire(path: Path, log: Callable[[str], None]) -> None:
+    """Move the current file out of the way: to previous.pt when it verifies, else aside."""
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        os.replace(path, aside)
+        log(f"warning: {e}; moved it to {aside.name} and kept {PREVIOUS}")
+        return
+    os.replace(path, path.with_name(PREVIOUS))
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict, keep_previous: bool = False,
+                    log: Callable[[str], None] = print) -> None:
+    write_checkpoint(path, serialize(payload), keep_previous, log)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -32,6 +32,7 @@ import torch
 from ..config import Config, base_dict
 from ..errors import DataError
 from ..fsutil import atomic_write_text
+from ..tempfiles import remove_stale_temp_files
 from . import checkpoint as ckpt
 from .losses import MetricSums, build_loss, check_monitor, metric_names, monitor_mode
 from .optim import build_optimizer, build_schedule, set_lr
@@ -459,7 +460,7 @@ class Trainer:
         if best:
             ckpt.write_checkpoint(folder / ckpt.BEST, data)
         if last:
-            ckpt.write_checkpoint(folder / ckpt.LAST, data, keep_previous=True)
+            ckpt.write_checkpoint(folder / ckpt.LAST, data, keep_previous=True, log=self.log)
 
     def _resume_or_seed(self) -> Optional[str]:
         """Load the newest good checkpoint of run_dir (rank 0 reads, every rank receives it),
@@ -467,8 +468,10 @@ class Trainer:
         name, payload = None, None
         if self.run_dir is not None:
             if self.backend.is_root:
-                (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-                name, payload, _ = ckpt.load_latest(self.run_dir / "checkpoints", log=self.log)
+                folder = self.run_dir / "checkpoints"
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_stale_temp_files(folder, log=self.log)  # left by a writer killed mid-save
+                name, payload, _ = ckpt.load_latest(folder, log=self.log)
             if self.backend.size > 1:
                 name, payload = self.backend.broadcast_object((name, payload))
         if payload is None:

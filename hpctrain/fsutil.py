@@ -17,7 +17,7 @@ from typing import Any, Callable, IO, Optional
 
 # .<target>.<pid>@<host>.<random>.tmp: the writer's pid and host let a later process tell the
 # leftover of a writer killed mid-write from a live writer's file (hpctrain.tempfiles).
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^/]+)\.[a-z0-9_]+\.tmp$")
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^/]+)\.[a-z0-9_]+\.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> None:
@@ -50,7 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
 def temp_writer(name: str) -> Optional[tuple[int, str]]:
     """(pid, host) of the process that made the temp file ``name``; None for any other name,
     including temp files named before the writer was recorded (``.<target>.<random>.tmp``)."""
-    m = _TEMP_NAME.match(name)
+    m = _TEMP_NAME.fullmatch(name)
     return (int(m["pid"]), m["host"]) if m else None
 
 

@@ -95,7 +95,7 @@ def main() -> int:
         singles_s, ids = submit_singles(folder, args.points)
         cancel(ids)
     print(f"grid points:                         {args.points}")
-    print(f"sweep folder preparation:            {prep_s:7.2f} s  (validation, grid.jsonl, run folders)")
+    print(f"sweep folder preparation:            {prep_s:7.2f} s  (validation, sweep.yaml, grid.jsonl)")
     print(f"one job array (submitit, held):      {array_s:7.2f} s")
     print(f"one job array (hpctrain sbatch script): {script_s:5.2f} s")
     print(f"{args.points} single sbatch submissions:   {singles_s:7.2f} s")

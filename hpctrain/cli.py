@@ -47,9 +47,25 @@ def _version() -> str:
     return f"hpctrain {__version__}"
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``KEY=VALUE`` overrides may also follow the options.
+
+    argparse takes a command's positional overrides only before its first option, so
+    ``hpctrain run c.yaml --index 0 train.epochs=200`` would be refused; such trailing
+    overrides join the others, in order.
+    """
+    args, extra = parser.parse_known_args(argv)
+    trailing = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra != trailing or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if trailing:
+        args.overrides = list(args.overrides) + trailing
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     module = importlib.import_module(args._module)
     try:
         return int(module.main(args) or 0)

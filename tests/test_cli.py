@@ -71,3 +71,15 @@ def test_empty_config_is_refused_not_run_with_defaults(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert str(cfg) in out.stderr and "empty" in out.stderr and "data" in out.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_overrides_may_follow_the_options():
+    from hpctrain.cli import build_parser, parse
+
+    parser = build_parser()
+    args = parse(parser, ["run", "c.yaml", "optim.lr=0.1", "--index", "2", "train.epochs=200", "--max-steps", "5"])
+    assert args.overrides == ["optim.lr=0.1", "train.epochs=200"] and args.index == 2 and args.max_steps == 5
+    with pytest.raises(SystemExit):
+        parse(parser, ["run", "c.yaml", "--index", "2", "--no-such-option"])
+    with pytest.raises(SystemExit):
+        parse(parser, ["status", "sweeps/x", "a=b"])  # status takes no overrides

@@ -242,6 +242,10 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
         # step) becomes a CollectiveError naming the rank that failed.
         with backend.collective_errors():
             result = _fit(parts, recorder, stop_flag, log, overfit_batches)
+        if result.overfit_passed is False:  # the check's verdict, recorded in its scratch folder
+            result.status = "failed"
+            if is_root:
+                recorder.failed(result.message, result.wall_time_s)
         if is_root:
             log(f"run {spec.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
     except Exception as exc:  # a failed run must be recorded, whatever failed

@@ -109,10 +109,22 @@ def test_diverging_run_is_recorded_and_exits_zero(tmp_path):
 
 def test_overfit_batches_reports_a_verdict_and_leaves_the_run_alone(tmp_path):
     sweep = tmp_path / "sweep"
-    out = hpctrain("run", str(small_config(tmp_path)), "train.epochs=30", "model.dropout=0.0",
+    out = hpctrain("run", str(small_config(tmp_path)), "train.epochs=300", "optim.lr=0.03", "model.dropout=0.0",
                    "--overfit-batches", "2", "--sweep-dir", str(sweep))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "overfit" in out.stdout.lower()
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "passed, the model and training loop can fit the data" in out.stdout
     run = run_dir(sweep, 0)
     assert not (run / "metrics.csv").exists() and not (run / "checkpoints" / "last.pt").exists()
     assert (sweep / "overfit" / run.name / "metrics.csv").exists()
+
+
+def test_a_failed_overfit_check_exits_1_and_leaves_the_run_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "--index", "0", "--overfit-batches", "2",
+                   "train.epochs=2", "optim.lr=1e-6", "model.dropout=0.0", "--sweep-dir", str(sweep))
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "FAILED to reach accuracy" in out.stdout
+    run = run_dir(sweep, 0)
+    state = json.loads((sweep / "overfit" / run.name / "state.json").read_text())
+    assert state["status"] == "failed" and "FAILED" in state["message"]
+    assert not (run / "state.json").exists() or json.loads((run / "state.json").read_text())["status"] == "pending"

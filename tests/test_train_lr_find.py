@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -21,6 +20,7 @@ from hpctrain.train.losses import build_loss
 from hpctrain.train.lr_find import BatchShares, lr_range_test
 from hpctrain.train.step import TrainStep
 from mpi_scripts.launch import MPIRUN_ARGS, PYTHON, REPO, clean_env, mpirun_available
+from conftest import require
 
 BATCH = 32  # per rank on 2 ranks; the single process gets twice as many
 
@@ -239,15 +239,6 @@ def lr_find(config: Path, out: Path, *overrides: str, ranks: int = 1) -> tuple[l
     with open(out / "lr_find.csv", newline="") as f:
         rows = [[float(r["lr"]), float(r["loss"])] for r in csv.DictReader(f)]
     return rows, found.group(1)
-
-
-def require(available: bool, what: str) -> None:
-    """Skip without ``what``, unless HPCTRAIN_REQUIRE_ALL=1 makes its absence a failure."""
-    if available:
-        return
-    if os.environ.get("HPCTRAIN_REQUIRE_ALL") == "1":
-        pytest.fail(f"{what} (HPCTRAIN_REQUIRE_ALL=1)")
-    pytest.skip(what)
 
 
 def horovod_imports() -> bool:

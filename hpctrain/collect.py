@@ -5,7 +5,7 @@ Writes into the sweep folder (or ``--out DIR``)::
     summary.csv      one row per run: grid values, state, epochs, best and final metrics, test, timing
     curves.h5        every run's per-epoch curves aligned by epoch, NaN padded (report/curves.py)
     leaderboard.md   the ranked runs; the top ``--top`` are also printed
-    plots/           loss.png, best_vs_<key>.png per swept key, heatmap.png for two keys
+    plots/           loss.png, by_<key>.png (every run per value) per swept key, heatmap.png for two keys
     best/            config.yaml, best.pt and best.json of the best run: ``hpctrain.load_best``
     tensorboard/     with --tensorboard: one sub-folder of event files per run
 
@@ -46,11 +46,13 @@ class Collection:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep folder (sweeps/<name>)")
-    p.add_argument("--metric", default="val_loss",
+    p.add_argument("--metric", default=None,
                    help="metric that ranks the runs: a metrics.csv column (val_loss, val_accuracy, ...) "
-                        "or a test metric from state.json (test_loss, ...); default val_loss")
+                        "or a test metric from state.json (test_loss, ...); default the sweep's "
+                        "train.monitor, which its best checkpoints track")
     p.add_argument("--mode", choices=("auto", "min", "max"), default="auto",
-                   help="min or max is better; auto: min for loss/rmse/mae, max for accuracy/auc")
+                   help="min or max is better; auto: train.mode for the monitor, else min for "
+                        "loss/rmse/mae, max for accuracy/auc/f1")
     p.add_argument("--out", default=None, metavar="DIR", help="write the reports here (default SWEEP_DIR)")
     p.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
                    help=f"runs shown in the terminal table and highlighted in plots (default {DEFAULT_TOP})")
@@ -61,13 +63,15 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(default DIR: OUT/tensorboard)")
 
 
-def collect(sweep_dir: str | Path, *, metric: str = "val_loss", mode: str = "auto",
+def collect(sweep_dir: str | Path, *, metric: Optional[str] = None, mode: str = "auto",
             out: str | Path | None = None, top: int = DEFAULT_TOP, log_scale: bool = False,
             plots: bool = True, tensorboard: str | Path | None = None) -> Collection:
     """Read the sweep once and write every report; returns what was found and written.
 
+    ``metric``: None ranks by the sweep's train.monitor (see monitor.py).
     ``tensorboard``: None for no event files, "" for OUT/tensorboard, or a folder."""
-    from .report.ranking import resolve_mode, score_runs
+    from .monitor import choose
+    from .report.ranking import score_runs
     from .report.runs import read_sweep
 
     if top < 0:
@@ -75,16 +79,16 @@ def collect(sweep_dir: str | Path, *, metric: str = "val_loss", mode: str = "aut
     root = Path(sweep_dir)
     if not root.is_dir():
         raise HpctrainError(f"{root}: not a folder; expected a sweep folder such as sweeps/<name>")
-    mode = resolve_mode(metric, mode)
+    chosen = choose(root, metric, mode)
     data = read_sweep(root)
-    ranked = score_runs(data, metric, mode)
-    result = Collection(data, ranked, metric, mode, Path(out) if out is not None else root)
+    ranked = score_runs(data, chosen.metric, chosen.mode)
+    result = Collection(data, ranked, chosen.metric, chosen.mode, Path(out) if out is not None else root)
     _write_reports(result, top, log_scale, plots)
     if tensorboard is not None:
         from .report.tensorboard import write_sweep_events
 
         folder = Path(tensorboard) if str(tensorboard) else result.out_dir / "tensorboard"
-        result.files += write_sweep_events(data, folder)
+        result.files += write_sweep_events(data, folder, result.metric)
     return result
 
 
@@ -112,7 +116,7 @@ def _write_reports(result: Collection, top: int, log_scale: bool, plots: bool) -
 
 
 def main(args: argparse.Namespace) -> int:
-    from .report.tables import state_counts, terminal_table
+    from .report.tables import mixed_scale_note, state_counts, terminal_table
 
     started = time.perf_counter()
     result = collect(args.sweep_dir, metric=args.metric, mode=args.mode, out=args.out, top=args.top,
@@ -124,6 +128,9 @@ def main(args: argparse.Namespace) -> int:
           f"{len(result.ranked)} ranked by {result.metric} ({result.mode})")
     if result.ranked and args.top > 0:
         print(terminal_table(data, result.ranked, result.metric, args.top))
+    note = mixed_scale_note(result.ranked)
+    if note:
+        print(f"note: {note}")
     best = result.best
     if best is not None:
         rank = next(i for i, r in enumerate(result.ranked, 1) if r.run_id == best["run_id"])
@@ -140,7 +147,7 @@ def load_best(sweep_dir: str | Path, device: str = "cpu", metric: Optional[str] 
 
     With no ``metric``, uses best/best.json that ``hpctrain collect`` wrote in ``sweep_dir``
     (a sweep folder or a collect ``--out`` folder); otherwise, or when the sweep was never
-    collected, ranks the runs now (default val_loss) without writing anything. Returns a
+    collected, ranks the runs now (default: the sweep's train.monitor) without writing anything. Returns a
     ``report.loading.StandardizedModel``: call it on raw features to get logits (binary,
     multiclass) or predictions (regression); ``predict_proba``/``predict`` give
     probabilities and labels; ``.info`` holds the run id, metric, value and params."""
@@ -157,11 +164,12 @@ def load_best(sweep_dir: str | Path, device: str = "cpu", metric: Optional[str] 
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise HpctrainError(f"{best_json}: unreadable ({e}); run hpctrain collect {root} again") from None
         return load_checkpoint_model(checkpoint, device, info)
-    from .report.ranking import resolve_mode, score_runs
+    from .monitor import choose
+    from .report.ranking import score_runs
     from .report.runs import read_sweep
 
-    metric = metric or "val_loss"
-    mode = resolve_mode(metric, mode)
+    chosen = choose(root, metric, mode)
+    metric, mode = chosen.metric, chosen.mode
     data = read_sweep(root)
     run, _ = pick_checkpoint(score_runs(data, metric, mode), data.problems)
     if run is None:

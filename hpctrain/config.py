@@ -33,6 +33,11 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "ta
 INITS = ("auto", "he", "glorot", "lecun", "lsuv")
 OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "rmsprop", "adagrad")
 SCHEDULES = ("none", "step", "power", "exponential", "cosine", "onecycle", "plateau")
+# Schedules whose learning rate at a step depends on the planned number of steps (train.epochs):
+# a run of these cannot be continued to more epochs and stay the run it was.
+LENGTH_DEPENDENT_SCHEDULES = ("cosine", "onecycle")
+# Top-level sections that describe the sweep's points, not one run.
+SWEEP_SECTIONS = ("grid", "search")
 LOSSES = ("auto", "mse", "mae", "huber", "bce", "ce")
 BACKENDS = ("auto", "none", "horovod", "torch", "mpi")
 # Patterns are matched against the whole value (full_match), never with re.match: `$` also
@@ -76,6 +81,9 @@ class DataConfig:
     path: str = spec("data/demo", help="dataset folder with meta.json and train/val/test shards")
     task: str = spec("binary", choices=TASKS)
     batch_size: int = spec(1024, ge=1, help="per-rank batch size")
+    global_batch_size: Optional[int] = spec(None, ge=1, help="batch of all ranks together; when set, each "
+                                            "rank takes global_batch_size / world size and batch_size is unused")
+    streams: int = spec(8, ge=1, help="streams the train epoch's order is defined over; world sizes must divide it")
     standardize: bool = spec(True, help="apply train-split mean/std from meta.json on the fly")
     block_rows: int = spec(4096, ge=1, help="contiguous rows read in one HDF5 slice when shuffling")
     buffer_blocks: int = spec(8, ge=1, help="blocks mixed in one shuffle buffer")
@@ -97,6 +105,10 @@ class ModelConfig:
     output: str = spec("none", choices=("none", "positive", "bounded"),
                        help="regression output activation: none, positive (softplus), bounded (sigmoid)")
     output_bounds: list[float] = spec(default_factory=lambda: [0.0, 1.0], length=2)
+    target: Optional[str] = spec(None, pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_]*$",
+                                 help="your own model: \"package.module:build\" or \"file.py:build\", called as "
+                                      "build(feature_shape=..., n_outputs=..., task=..., **model.options)")
+    options: dict = spec(default_factory=dict, help="keyword arguments of model.target's function")
 
 
 @dataclass
@@ -159,6 +171,10 @@ class TrainConfig:
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
     threads: Optional[int] = spec(None, ge=1, help="torch intra-op threads per rank")
     evaluate_test: bool = spec(True, help="evaluate the best checkpoint on the test split at the end")
+    metrics: list[str] = spec(default_factory=list,
+                              help="more metrics: f1_macro, confusion, or \"package.module:function\" "
+                                   "(train/extra_metrics.py)")
+    tensorboard: bool = spec(True, help="write TensorBoard events to <run_dir>/tb/ after every epoch")
 
 
 @dataclass
@@ -190,6 +206,20 @@ class SlurmConfig:
     setup: list[str] = spec(default_factory=list, single_line=True,
                             help="shell lines run before the job (module load ...)")
     srun_args: list[str] = spec(default_factory=list, single_line=True)
+    sbatch_extra: dict = spec(default_factory=dict,
+                              help="more #SBATCH options, e.g. {mail-type: END, qos: long, exclusive: true}; "
+                                   "checked by hpctrain.launch.spec")
+
+
+@dataclass
+class PruneConfig:
+    kind: str = spec("none", choices=("none", "asha"),
+                     help="asha: successive halving across the sweep's elements (prune.py)")
+    metric: Optional[str] = spec(None, pattern=r"^(train|val)_[a-z0-9_]+$", help="default train.monitor")
+    mode: str = spec("auto", choices=("auto", "min", "max"))
+    min_epochs: int = spec(1, ge=1, help="the first rung: epochs every run trains")
+    reduction: int = spec(3, ge=2, help="eta: a run goes on past a rung only in the top 1/eta recorded there")
+    max_epochs: Optional[int] = spec(None, ge=1, help="the last rung is at most this (default train.epochs)")
 
 
 @dataclass
@@ -204,12 +234,17 @@ class Config:
     train: TrainConfig = spec(default_factory=TrainConfig)
     dist: DistConfig = spec(default_factory=DistConfig)
     slurm: SlurmConfig = spec(default_factory=SlurmConfig)
+    prune: PruneConfig = spec(default_factory=PruneConfig)
     grid: dict = spec(default_factory=dict)
+    search: dict = spec(default_factory=dict, help="sampled points (search.py): kind, samples, seed and "
+                                                   "a distribution per dotted key")
 
     def to_dict(self, *, with_grid: bool = True) -> dict:
+        """``with_grid=False``: a run's own config, without the sweep's grid and search."""
         d = dataclasses.asdict(self)
         if not with_grid:
             d.pop("grid")
+            d.pop("search")
         return d
 
 
@@ -430,9 +465,9 @@ def leaf_spec(dotted: str) -> tuple[Any, dict]:
         if not (dataclasses.is_dataclass(cls)):
             raise ConfigError(f"{dotted}: {'.'.join(parts[:i])} has no sub-keys")
         fields = _fields(cls)
-        if part not in fields or part == "grid":
+        if part not in fields or part in SWEEP_SECTIONS:
             prefix = ".".join(parts[:i])
-            choices = [n for n in fields if n != "grid"]
+            choices = [n for n in fields if n not in SWEEP_SECTIONS]
             hint = difflib.get_close_matches(part, choices, n=1)
             extra = f" Did you mean {(prefix + '.' if prefix else '') + hint[0]!r}?" if hint else ""
             raise ConfigError(f"{dotted}: no such config key. "
@@ -495,11 +530,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = copy.deepcopy(raw) if raw else {}
     for text in overrides:
         key, value = parse_override(text)
-        if key.startswith("grid."):
-            raw.setdefault("grid", {})
-            if not isinstance(raw["grid"], dict):
-                raise ConfigError(f"override {text!r}: grid is not a mapping")
-            raw["grid"][key[len("grid."):]] = value
+        section = key.split(".")[0]
+        if section in SWEEP_SECTIONS and "." in key:
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"override {text!r}: {section} is not a mapping")
+            raw[section][key[len(section) + 1:]] = value
             continue
         leaf_spec(key)
         set_dotted(raw, key, value)

@@ -7,14 +7,14 @@ executor, the rendered and shipped sbatch scripts) takes its codes from here. On
 """
 from __future__ import annotations
 
-OK = 0            # the run ended done or diverged (diverged is a result, not an error)
+OK = 0            # the run ended done, diverged or pruned (results, not errors)
 FAILED = 1        # the run failed: an exception while building or training; state.json says why
 USAGE = 2         # bad config, command line or data found before training; nothing was run
 RANK_LOST = 69    # EX_UNAVAILABLE: a collective failed because another rank died or hung
 PREEMPTED = 75    # EX_TEMPFAIL: stopped on a signal after saving last.pt; resuming continues it
 
 MEANINGS = {
-    OK: "done or diverged",
+    OK: "done, diverged or pruned",
     FAILED: "failed",
     USAGE: "bad config or usage",
     RANK_LOST: "a rank died or hung (collective failure)",
@@ -24,7 +24,7 @@ MEANINGS = {
 
 def for_status(status: str) -> int:
     """The exit status of a process whose run ended with ``status``."""
-    if status in ("done", "diverged"):
+    if status in ("done", "diverged", "pruned"):
         return OK
     if status == "preempted":
         return PREEMPTED

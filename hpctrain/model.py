@@ -1,8 +1,9 @@
-"""The MLP builder: widths, activation, initialisation, norm, dropout, output head by task."""
+"""The model of a run: the MLP builder (widths, activation, initialisation, norm, dropout, output
+head by task), or the user's own module (user_model.py)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -141,9 +142,15 @@ def lsuv_init(model: MLP, batch: torch.Tensor, tol: float = 0.05, max_iter: int 
 
 
 def build_model(cfg: ModelConfig, task: str, n_features: int, n_classes: int = 2, n_targets: int = 1,
-                lsuv_batch: Optional[torch.Tensor] = None) -> MLP:
-    """The model for a task; LSUV needs ``lsuv_batch`` (a first batch of standardised inputs)."""
-    model = MLP(n_features, output_size(task, n_classes, n_targets), cfg, task)
+                lsuv_batch: Optional[torch.Tensor] = None,
+                feature_shape: Optional[Sequence[int]] = None) -> nn.Module:
+    """The model for a task: the user's ``model.target`` when set (it sees the rows in
+    ``feature_shape``), else the MLP; LSUV needs ``lsuv_batch`` (a first batch of standardised inputs)."""
+    n_outputs = output_size(task, n_classes, n_targets)
+    if cfg.target:
+        from .user_model import build_user_model
+        return build_user_model(cfg.target, cfg.options, task, feature_shape or (n_features,), n_outputs)
+    model = MLP(n_features, n_outputs, cfg, task)
     if model.init_scheme == "lsuv":
         if lsuv_batch is None:
             raise ValueError("model.init: lsuv needs a first batch of data to rescale the layers")

@@ -193,11 +193,13 @@ def build_parts(cfg: Config, *, log: Log = print, backend: Any = None) -> Parts:
     meta = dataset.meta
     torch.manual_seed(cfg.seed)
     lsuv_batch = _first_batch(train_loader) if cfg.model.init == "lsuv" else None
-    model = build_model(cfg.model, meta.task, meta.n_features, meta.n_classes, meta.n_targets, lsuv_batch=lsuv_batch)
+    model = build_model(cfg.model, meta.task, meta.n_features, meta.n_classes, meta.n_targets, lsuv_batch=lsuv_batch,
+                        feature_shape=meta.row_shape)
     model_meta = {"task": meta.task, "n_features": int(meta.n_features), "n_classes": int(meta.n_classes),
                   "n_targets": int(meta.n_targets), "standardize": bool(cfg.data.standardize),
                   "mean": [float(v) for v in meta.mean], "std": [float(v) for v in meta.std],
-                  "feature_names": list(getattr(meta, "feature_names", []) or [])}
+                  "feature_names": list(getattr(meta, "feature_names", []) or []),
+                  "feature_shape": meta.row_shape, "class_names": list(meta.class_names)}
     return Parts(cfg, backend, train_loader, val_loader, test_loader, model, model_meta)
 
 
@@ -237,11 +239,13 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
         parts = build_parts(spec.config, log=log, backend=backend)
         if is_root:
             recorder.running(total_epochs=spec.config.train.epochs, world_size=backend.size,
-                             backend=backend.name, job_id=job_id)
+                             backend=backend.name, job_id=job_id,
+                             global_batch=parts.train_loader.global_batch)
         # An error from a collective inside a step (DDP's allreduce in backward, Horovod's in
         # step) becomes a CollectiveError naming the rank that failed.
         with backend.collective_errors():
-            result = _fit(parts, recorder, stop_flag, log, overfit_batches)
+            rungs = _rung_book(sweep, spec, overfit_batches)
+            result = _fit(parts, recorder, stop_flag, log, overfit_batches, rungs)
         if result.overfit_passed is False:  # the check's verdict, recorded in its scratch folder
             result.status = "failed"
             if is_root:
@@ -277,12 +281,57 @@ def _recorder(sweep: SweepDir, spec: RunSpec, overfit_batches: Optional[int], is
     return RunRecorder(run_dir, index=spec.index, run_id=spec.run_id, params=spec.params)
 
 
-def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_batches: Optional[int]):
+def _rung_book(sweep: SweepDir, spec: RunSpec, overfit_batches: Optional[int]) -> Any:
+    """The sweep's rung records for this run when it prunes (prune.kind: asha), else None."""
+    if spec.config.prune.kind != "asha" or overfit_batches:
+        return None
+    from .prune import RungBook
+
+    return RungBook(sweep.root, spec.run_id, spec.config)
+
+
+def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_batches: Optional[int],
+         rungs: Any = None):
     from .train.loop import Trainer
 
     root = parts.backend.is_root
+    live = _live_tensorboard(parts.cfg, recorder, log) if root else None
+    on_progress = (recorder.report if live is None else _both(recorder.report, live)) if root else None
     trainer = Trainer(parts.cfg, parts.model, parts.train_loader, parts.val_loader, parts.backend,
                       run_dir=recorder.run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
                       log=log if root else _quiet, overfit_batches=overfit_batches,
-                      model_meta=parts.model_meta, on_progress=recorder.report if root else None)
-    return trainer.fit()
+                      model_meta=parts.model_meta, on_progress=on_progress,
+                      on_epoch_end=_rung_judge(parts.cfg, rungs, log) if rungs is not None else None)
+    try:
+        return trainer.fit()
+    finally:
+        if live is not None:
+            live.close()
+
+
+def _rung_judge(cfg: Config, rungs: Any, log: Log) -> Callable[[int, dict], Optional[str]]:
+    """The trainer's on_epoch_end for successive halving: rank 0 asks the sweep's rung book."""
+    def judge(epoch: int, metrics: dict) -> Optional[str]:
+        decision = rungs.at_epoch_end(epoch, metrics)
+        if decision is None:
+            return None
+        log(decision.message(rungs.metric))
+        return None if decision.go_on else decision.message(rungs.metric)
+    return judge
+
+
+def _live_tensorboard(cfg: Config, recorder: RunRecorder, log: Log):
+    """TensorBoard events in the run folder each epoch (``train.tensorboard``), fed by the
+    same progress reports as the recorder, after it."""
+    if not cfg.train.tensorboard:
+        return None
+    from .report.live_tb import LiveTensorBoard
+
+    return LiveTensorBoard(recorder.run_dir, log)
+
+
+def _both(first: Callable, second: Callable) -> Callable:
+    def report(progress: Any) -> None:
+        first(progress)
+        second(progress)
+    return report

@@ -2,7 +2,7 @@
 
 Transitions::
 
-    pending ──> running ──> done | diverged | failed | preempted
+    pending ──> running ──> done | diverged | failed | preempted | pruned
                    ▲                                     │
                    └──────────── (resumed) ──────────────┘
 
@@ -15,16 +15,17 @@ never see half a file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .fsutil import atomic_write_json, read_json
+from .fsutil import atomic_write_text, read_json
 
-STATUSES = ("pending", "running", "done", "failed", "diverged", "preempted")
-FINAL_STATUSES = ("done", "failed", "diverged")
+STATUSES = ("pending", "running", "done", "failed", "diverged", "preempted", "pruned")
+FINAL_STATUSES = ("done", "failed", "diverged", "pruned")
 STATE_FILE = "state.json"
 
 
@@ -49,6 +50,7 @@ class RunState:
     samples_per_s: Optional[float] = None
     requeues: int = 0
     world_size: int = 1
+    global_batch: Optional[int] = None  # rows per optimizer step over every rank
     backend: str = "none"
     test: dict = field(default_factory=dict)
 
@@ -79,9 +81,13 @@ class RunRecorder:
     """The only writer of one run's state.json."""
 
     def __init__(self, run_dir: str | Path, *, index: Optional[int] = None, run_id: str = "",
-                 params: Optional[dict] = None):
+                 params: Optional[dict] = None, durable: bool = True):
+        """``durable=False`` writes without fsync: a submission writes thousands of pending
+        states (minutes on a shared file system), and one lost in a crash only means that
+        grid point is submitted again."""
         self.run_dir = Path(run_dir)
         self._identity = {"index": index, "run_id": run_id, "params": dict(params or {})}
+        self.durable = durable
 
     @property
     def path(self) -> Path:
@@ -96,16 +102,40 @@ class RunRecorder:
     def _write(self, state: RunState) -> RunState:
         state.updated_at = time.time()
         state.host = state.host or socket.gethostname()
-        atomic_write_json(self.path, dataclasses.asdict(state))
+        # A flat dict and no indent: json's C encoder, ten times the pure-Python one of indent=2.
+        text = json.dumps(dataclasses.asdict(state), sort_keys=True, allow_nan=True) + "\n"
+        atomic_write_text(self.path, text, durable=self.durable)
         return state
 
     # -- transitions
 
-    def pending(self, total_epochs: int) -> Optional[RunState]:
+    def pending(self, total_epochs: int, monitor: str = "val_loss") -> Optional[RunState]:
         """A new run's first state; an existing state.json is left as it is."""
         if self.path.exists():
             return None
-        return self._write(RunState(status="pending", total_epochs=total_epochs, **self._identity))
+        return self._write(RunState(status="pending", total_epochs=total_epochs, monitor=monitor,
+                                    **self._identity))
+
+    def adopt(self, total_epochs: int) -> None:
+        """An existing run becomes this grid point (its sweep's train.epochs changed): its
+        state keeps its results and takes the point's id, index, params and length."""
+        state = self.read()
+        if state is not None:
+            state.run_id, state.index, state.params = (self._identity["run_id"], self._identity["index"],
+                                                       self._identity["params"])
+            state.total_epochs = total_epochs
+            self._write(state)
+
+    def queued(self, job_id: str, *, total_epochs: int, monitor: str, exists: bool) -> None:
+        """A submitted run: a new run's pending state naming its job, or the job stamped into an
+        unfinished one (``exists``: the run has a folder; finished runs keep their state)."""
+        state = self.read() if exists else None
+        if state is None:
+            state = RunState(status="pending", total_epochs=total_epochs, monitor=monitor, **self._identity)
+        elif state.status not in ("pending", "preempted", "failed"):
+            return
+        state.slurm_job_id = job_id
+        self._write(state)
 
     def stamp_job(self, job_id: str) -> None:
         """Record the Slurm job that will run (or runs) this run; finished runs keep theirs."""
@@ -115,13 +145,14 @@ class RunRecorder:
             self._write(state)
 
     def running(self, *, total_epochs: int, world_size: int, backend: str,
-                job_id: Optional[str] = None) -> RunState:
+                job_id: Optional[str] = None, global_batch: Optional[int] = None) -> RunState:
         """The run starts (or resumes) on this job; a start after ``preempted`` counts a requeue."""
         state = self._current()
         if state.status == "preempted":
             state.requeues += 1
         state.status, state.message = "running", ""
         state.total_epochs, state.world_size, state.backend = total_epochs, world_size, backend
+        state.global_batch = global_batch
         state.started_at = state.started_at or time.time()
         state.slurm_job_id = job_id  # None outside Slurm: the run is not any job's now
         return self._write(state)

@@ -29,10 +29,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .config import (CROSS_FIELD_KEYS, Config, ConfigError, base_dict, build_config, build_value, dump_yaml,
-                     leaf_spec, load_raw, section_defaults, set_dotted)
+from .config import (CROSS_FIELD_KEYS, SWEEP_SECTIONS, Config, ConfigError, base_dict, build_config, build_value,
+                     dump_yaml, leaf_spec, load_raw, section_defaults, set_dotted)
 from .fsutil import atomic_write_text
 from .runstate import RunRecorder, RunState, read_state
+from .search import search_axes
 
 Axis = list[tuple[str, list]]  # keys that advance together, each with its list of values
 
@@ -80,13 +81,20 @@ def _grid_axes(grid: dict, source: str) -> list[Axis]:
                 axes.append(_zip_group(group, f"grid.zip[{gi}]", source))
             continue
         axes.append([_grid_values(key, values, f"grid.{key}", source)])
+    repeated = _repeated_key(axes)
+    if repeated:
+        raise ConfigError(f"{source}: grid: {repeated} appears more than once")
+    return axes
+
+
+def _repeated_key(axes: list[Axis]) -> Optional[str]:
     seen: set[str] = set()
     for axis in axes:
         for key, _ in axis:
             if key in seen:
-                raise ConfigError(f"{source}: grid: {key} appears more than once")
+                return key
             seen.add(key)
-    return axes
+    return None
 
 
 def _zip_group(group: Any, where: str, source: str) -> Axis:
@@ -152,9 +160,18 @@ def _combo_at(axes: list[Axis], index: int) -> tuple[int, ...]:
     return tuple((index // stride) % len(axis[0][1]) for axis, stride in zip(axes, _strides(axes)))
 
 
+def _axes(raw: dict, source: str) -> list[Axis]:
+    """The grid's axes, then the search's (search.py); a key may be in only one of them."""
+    axes = _grid_axes(raw.get("grid") or {}, source) + search_axes(raw.get("search"), source)
+    repeated = _repeated_key(axes)
+    if repeated:
+        raise ConfigError(f"{source}: {repeated} is both in grid and in search; keep it in one of them")
+    return axes
+
+
 def expand_grid(raw: dict, source: str = "<config>") -> list[dict[str, Any]]:
     """Cartesian product over the axes, in the order the grid lists them (last varies fastest)."""
-    axes = _grid_axes(raw.get("grid") or {}, source)
+    axes = _axes(raw, source)
     return [_params(axes, combo) for combo in _combos(axes)]
 
 
@@ -191,20 +208,45 @@ def run_id_for(params: dict[str, Any], resolved: dict) -> str:
     return _run_id([_label(key, v) for key, v in params.items()], json.dumps(resolved, sort_keys=True))
 
 
+# Keys added after run ids were first issued, with their defaults: at its default such a key
+# is left out of a run's identity, so the ids of existing sweeps stay what they were.
+_LATER_KEYS = {"model": {"target": None, "options": {}},
+               "data": {"global_batch_size": None, "streams": 8},
+               "train": {"tensorboard": True, "metrics": []}}
+
+
 def _identity(cfg: Config) -> dict:
     """The part of a resolved config that defines a run (not where or how it is scheduled)."""
     d = base_dict(cfg)
-    for key in ("name", "slurm"):
+    for key in ("name", "slurm", "prune"):  # how a run is scheduled or cut short, not what it trains
         d.pop(key)
     d["dist"] = {"backend": d["dist"]["backend"]}
+    for top in _LATER_KEYS:
+        d[top] = _without_later_defaults(top, d[top])
     return d
+
+
+def _without_later_defaults(top: str, section: Any) -> Any:
+    later = _LATER_KEYS.get(top)
+    if not later or not isinstance(section, dict):
+        return section
+    return {k: v for k, v in section.items() if k not in later or v != later[k]}
+
+
+def lineage_key(spec: RunSpec) -> str:
+    """What a run is apart from its length: two grid points with the same key are one run
+    trained for a different number of epochs (plan.py continues the shorter one)."""
+    identity = _identity(spec.config)
+    identity["train"] = {k: v for k, v in identity["train"].items() if k != "epochs"}
+    params = {k: v for k, v in spec.params.items() if k != "train.epochs"}
+    return json.dumps([params, identity], sort_keys=True, default=str)
 
 
 class _PointBuilder:
     """A grid point's Config built the plain way: the base raw config with its params set, all validated."""
 
     def __init__(self, raw: dict, source: str):
-        self.base = copy.deepcopy({k: v for k, v in raw.items() if k != "grid"})
+        self.base = copy.deepcopy({k: v for k, v in raw.items() if k not in SWEEP_SECTIONS})
         self.source = source
 
     def __call__(self, params: dict[str, Any]) -> Config:
@@ -225,7 +267,7 @@ class _PointBuilder:
 def expand(raw: dict, source: str = "<config>") -> list[RunSpec]:
     """Validate a raw config and every grid point of it; return the RunSpecs in grid order."""
     base = build_config(raw, source)  # the base point, so errors outside the grid are named plainly
-    axes = _grid_axes(raw.get("grid") or {}, source)
+    axes = _axes(raw, source)
     build = _PointBuilder(raw, source)
     keys = [key for axis in axes for key, _ in axis]
     if any(_touches(a, b) for a, b in itertools.combinations(keys, 2)):
@@ -366,7 +408,7 @@ class _RunIds:
                 path = dotted.split(".")
                 if path[0] == top:
                     section = _with_value(section, top, path[1:], column[combo[a]])
-        return section
+        return _without_later_defaults(top, section)
 
 
 def _with_value(node: Any, prefix: str, path: list[str], value: Any) -> Any:
@@ -412,7 +454,7 @@ class SweepDir:
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
-    def write(self, raw: dict, specs: list[RunSpec]) -> None:
+    def write(self, raw: dict, specs: list[RunSpec], *, replace: bool = False) -> None:
         """Write sweep.yaml and grid.jsonl; never touches run results.
 
         Run folders are not made here but by :meth:`prepare_run`, when a run is submitted or
@@ -420,9 +462,10 @@ class SweepDir:
         would take minutes. Until then a grid point is pending (:func:`iter_runs`).
         A folder that already holds a different sweep is refused rather than overwritten:
         its grid.jsonl indexes runs that would otherwise disappear from status and collect.
+        ``replace`` overwrites it anyway (a scratch sweep of debug runs).
         """
         text = dump_yaml(raw)
-        if self.config_path.exists() and self.config_path.read_text(encoding="utf-8") != text:
+        if not replace and self.config_path.exists() and self.config_path.read_text(encoding="utf-8") != text:
             raise ConfigError(
                 f"{self.root} already holds a different sweep (its sweep.yaml differs from this config "
                 "and its overrides); choose another folder with --sweep-dir or another name with name=...")
@@ -437,7 +480,7 @@ class SweepDir:
         if not config_path.exists():
             # The run id is a hash of this config, so an existing file already holds it.
             atomic_write_text(config_path, dump_yaml(base_dict(spec.config)), durable=False)
-        self.recorder(spec).pending(spec.config.train.epochs)
+        self.recorder(spec).pending(spec.config.train.epochs, spec.config.train.monitor)
         return run_dir
 
     def recorder(self, spec: RunSpec) -> RunRecorder:

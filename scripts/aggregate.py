@@ -16,7 +16,8 @@ from pathlib import Path
 
 from hpctrain.errors import HpctrainError
 from hpctrain.fsutil import atomic_write_text
-from hpctrain.report.ranking import resolve_mode, score_runs
+from hpctrain.monitor import better_mode
+from hpctrain.report.ranking import score_runs
 from hpctrain.report.runs import read_sweep
 from hpctrain.report.tables import csv_text, summary_rows
 
@@ -24,7 +25,7 @@ from hpctrain.report.tables import csv_text, summary_rows
 def aggregate(sweep_dirs: list[str | Path], metric: str = "val_loss", mode: str = "auto",
               sort: bool = False) -> tuple[list[str], list[dict], list[str]]:
     """(columns, rows, problems) of all sweeps together, in the order given (or best first)."""
-    mode = resolve_mode(metric, mode)
+    mode = better_mode(metric, mode)
     datas = [read_sweep(d) for d in sweep_dirs]
     names = [d.name for d in datas]
     if len(set(names)) != len(names):  # two folders of the same name: tell them apart by path

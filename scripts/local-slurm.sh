@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster on this machine, for trying the Slurm path and for tests.
+# A real Slurm cluster on this machine (one node, or several slurmd "nodes" on this host),
+# for trying the Slurm path and for tests.
 #
-# Usage: scripts/local-slurm.sh start|stop|status|env
+# Usage: scripts/local-slurm.sh start|restart|stop|status|env
 #
 #   start   start munged, MariaDB, slurmdbd, slurmctld and slurmd (idempotent: a running
-#           cluster is left as it is), then print the line to paste:  export SLURM_CONF=...
+#           cluster is left as it is, whatever its settings), then print the line to paste:
+#           export SLURM_CONF=...
+#   restart stop (cancelling every job) and start with the settings below
 #   stop    cancel every job of this cluster and stop every daemon this script started
 #   status  show the daemons and `sinfo`
 #   env     print the export line only
@@ -17,6 +20,13 @@
 #                         more CPUs than exist (SlurmdParameters=config_overrides) lets a few job
 #                         array elements of 2 tasks each run side by side on a 2-core laptop or CI
 #                         runner; the tasks then share the real cores. Use `nproc` for honest limits.
+#   HPCTRAIN_SLURM_MAX_ARRAY  the cluster's MaxArraySize; default 100001 (Slurm's own default is 1001)
+#   HPCTRAIN_SLURM_ACCOUNTING slurmdbd (default: MariaDB + slurmdbd, sacct works) or none
+#                         (AccountingStorageType=accounting_storage/none, as on sites without sacct)
+#   HPCTRAIN_SLURM_NODES  slurmd daemons on this host, one per node; default 1 (node "localhost").
+#                         With 2 or more, nodes node1..nodeN listen on ports PORT+10.. and each has
+#                         its own spool, log, pid file and TmpFS (PMIx makes its client folders
+#                         there; a shared one makes the second node's step fail with EEXIST).
 #
 # Missing Debian packages (slurm-wlm munge slurmdbd mariadb-server) are installed with apt-get
 # when running as root. The daemons run as root (Slurm) and as the munge and mysql users; no
@@ -26,6 +36,12 @@ set -euo pipefail
 ROOT="${HPCTRAIN_SLURM_DIR:-/tmp/hpctrain-slurm}"
 PORT="${HPCTRAIN_SLURM_PORT:-16817}"
 CPUS="${HPCTRAIN_SLURM_CPUS:-16}"
+MAX_ARRAY="${HPCTRAIN_SLURM_MAX_ARRAY:-100001}"
+ACCOUNTING="${HPCTRAIN_SLURM_ACCOUNTING:-slurmdbd}"
+NODES="${HPCTRAIN_SLURM_NODES:-1}"
+case "$ACCOUNTING" in slurmdbd|none) ;; *) echo "local-slurm: error: HPCTRAIN_SLURM_ACCOUNTING=$ACCOUNTING; expected slurmdbd or none" >&2; exit 2 ;; esac
+[[ "$MAX_ARRAY" =~ ^[0-9]+$ ]] || { echo "local-slurm: error: HPCTRAIN_SLURM_MAX_ARRAY=$MAX_ARRAY; expected a number" >&2; exit 2; }
+[[ "$NODES" =~ ^[1-9][0-9]?$ ]] || { echo "local-slurm: error: HPCTRAIN_SLURM_NODES=$NODES; expected 1 to 99" >&2; exit 2; }
 CLUSTER=hpctrain
 PARTITION=debug
 CTLD_PORT=$PORT
@@ -135,14 +151,44 @@ real_memory() {  # MB this node reports, as slurmd -C sees it
     env -u SLURM_CONF slurmd -C 2>/dev/null | tr ' ' '\n' | sed -n 's/^RealMemory=//p' | head -n1
 }
 
-write_configs() {
-    local host mem user
+node_names() {
+    if [ "$NODES" -eq 1 ]; then echo localhost; else seq -f 'node%g' 1 "$NODES"; fi
+}
+
+node_lines() {  # the NodeName and PartitionName lines
+    local host=$1 mem=$2 i names
+    local shape="CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN"
+    if [ "$NODES" -eq 1 ]; then
+        echo "NodeName=localhost NodeHostname=$host NodeAddr=127.0.0.1 $shape"
+    else
+        for ((i = 1; i <= NODES; i++)); do
+            echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 9 + i)) $shape"
+        done
+    fi
+    names="$(node_names | paste -sd, -)"
+    echo "PartitionName=$PARTITION Nodes=$names Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+}
+
+accounting_lines() {
+    if [ "$ACCOUNTING" = none ]; then
+        echo "# No accounting: sacct has nothing to show (as on sites without slurmdbd)."
+        echo "AccountingStorageType=accounting_storage/none"
+    else
+        echo "# Accounting through slurmdbd, so sacct works."
+        echo "AccountingStorageType=accounting_storage/slurmdbd"
+        echo "AccountingStorageHost=localhost"
+        echo "AccountingStoragePort=$DBD_PORT"
+    fi
+}
+
+write_configs() {  # into $1 (slurm.conf's folder)
+    local dir=$1 host mem user
     host="$(hostname)"
     mem="$(real_memory)"; mem="${mem:-1024}"
     user="$(id -un)"
-    mkdir -p "$ETC" "$ROOT/state" "$ROOT/spool"
-    cat >"$ETC/slurm.conf" <<EOF
-# Written by scripts/local-slurm.sh: a single-node test cluster under $ROOT.
+    mkdir -p "$dir" "$ROOT/state" "$ROOT/spool" "$ROOT/tmp"
+    cat >"$dir/slurm.conf" <<EOF
+# Written by scripts/local-slurm.sh: a test cluster of $NODES node(s) on this host, under $ROOT.
 ClusterName=$CLUSTER
 SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
@@ -154,9 +200,10 @@ CredType=cred/munge
 StateSaveLocation=$ROOT/state
 SlurmdSpoolDir=$ROOT/spool/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
+TmpFS=$ROOT/tmp/%n
 SlurmctldDebug=info
 SlurmdDebug=info
 # No systemd, no cgroups: processes tracked by parent id, no task binding.
@@ -170,21 +217,17 @@ ReturnToService=2
 JobRequeue=1
 KillWait=15
 MinJobAge=600
-MaxArraySize=100001
+MaxArraySize=$MAX_ARRAY
 MaxJobCount=200000
 SchedulerParameters=defer_batch
-# Accounting through slurmdbd, so sacct works.
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort=$DBD_PORT
+$(accounting_lines)
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # The node declares $CPUS CPUs whatever the machine has (see the header of local-slurm.sh).
 SlurmdParameters=config_overrides
-NodeName=localhost NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+$(node_lines "$host" "$mem")
 EOF
-    cat >"$ETC/slurmdbd.conf" <<EOF
+    cat >"$dir/slurmdbd.conf" <<EOF
 # Written by scripts/local-slurm.sh
 AuthType=auth/munge
 DbdHost=localhost
@@ -200,8 +243,8 @@ StorageUser=slurm
 StoragePass=$DB_PASS
 StorageLoc=hpctrain_slurm_acct
 EOF
-    chmod 600 "$ETC/slurmdbd.conf"   # slurmdbd refuses a config others can read (it holds a password)
-    cat >"$ETC/env.sh" <<EOF
+    chmod 600 "$dir/slurmdbd.conf"   # slurmdbd refuses a config others can read (it holds a password)
+    cat >"$dir/env.sh" <<EOF
 export SLURM_CONF=$ETC/slurm.conf
 EOF
 }
@@ -223,13 +266,19 @@ start_slurmctld() {
     wait_for 30 slurmctld scontrol ping
 }
 
-start_slurmd() {
-    pid_of slurmd >/dev/null && return 0
-    slurmd -N localhost
-    wait_for 30 "the node" node_ready
+start_slurmd() {  # one slurmd per node, each with its own spool and TmpFS folder
+    local node
+    for node in $(node_names); do
+        pid_of "slurmd-$node" >/dev/null && continue
+        mkdir -p "$ROOT/spool/$node" "$ROOT/tmp/$node"
+        slurmd -N "$node"
+    done
+    wait_for 30 "the nodes" node_ready
 }
 
-node_ready() { sinfo -h -N -o %t | grep -Eq '^(idle|mix|alloc)'; }
+node_ready() {  # every node up
+    [ "$(sinfo -h -N -o %t | grep -Ec '^(idle|mix|alloc)')" -ge "$NODES" ]
+}
 
 # ------------------------------------------------------------------ commands
 
@@ -239,30 +288,66 @@ cmd_start() {
     ensure_packages
     mkdir -p "$ROOT" "$RUN" "$LOG"
     chmod 755 "$ROOT"
-    if all_running; then
-        log "already running under $ROOT"
-        print_env
-        return 0
+    if slurm_running; then
+        # Another user of this cluster (a test session) may have started it with other settings:
+        # leave it as it is; `restart` applies new ones.
+        same_settings || log "running with other settings than these (see $SLURM_CONF); restart applies them"
+        if all_running; then
+            log "already running under $ROOT"
+            print_env
+            return 0
+        fi
     fi
-    write_configs
+    write_configs "$ETC"
     start_munge
-    start_mariadb
-    start_slurmdbd
+    if [ "$ACCOUNTING" = slurmdbd ]; then
+        start_mariadb
+        start_slurmdbd
+    fi
     start_slurmctld
     start_slurmd
-    scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
-    wait_for 30 "the node" node_ready
-    log "cluster '$CLUSTER' up under $ROOT (partition $PARTITION, $CPUS CPUs); to use it:"
+    local node
+    for node in $(node_names); do
+        scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+    done
+    wait_for 30 "the nodes" node_ready
+    log "cluster '$CLUSTER' up under $ROOT (partition $PARTITION, $NODES node(s) of $CPUS CPUs," \
+        "MaxArraySize=$MAX_ARRAY, accounting $ACCOUNTING); to use it:"
     print_env
+}
+
+same_settings() {  # the running cluster's slurm.conf is the one these settings write
+    local fresh="$ROOT/etc.check" same=0
+    write_configs "$fresh"
+    cmp -s "$fresh/slurm.conf" "$SLURM_CONF" || same=1
+    rm -rf "$fresh"
+    return $same
+}
+
+daemons() {  # the daemons these settings run, by pid file name
+    if [ "$ACCOUNTING" = slurmdbd ]; then echo mariadbd slurmdbd; fi
+    echo slurmctld
+    node_names | sed 's/^/slurmd-/'
+}
+
+slurm_running() {
+    pid_of slurmctld >/dev/null && [ -f "$SLURM_CONF" ] && scontrol ping >/dev/null 2>&1
+}
+
+written_daemons() {  # the daemons of the slurm.conf last written (the running cluster's), else daemons
+    [ -f "$SLURM_CONF" ] || { daemons; return; }
+    grep -q '^AccountingStorageType=accounting_storage/none' "$SLURM_CONF" || echo mariadbd slurmdbd
+    echo slurmctld
+    sed -n 's/^NodeName=\([^ ]*\) .*/slurmd-\1/p' "$SLURM_CONF"
 }
 
 all_running() {
     local d
     munge -n >/dev/null 2>&1 || return 1
-    for d in mariadbd slurmdbd slurmctld slurmd; do
+    for d in $(written_daemons); do
         pid_of "$d" >/dev/null || return 1
     done
-    [ -f "$SLURM_CONF" ] && scontrol ping >/dev/null 2>&1
+    slurm_running
 }
 
 stop_one() {
@@ -309,7 +394,10 @@ cmd_stop() {
             done
         fi
     fi
-    stop_one slurmd
+    local pidfile
+    for pidfile in "$RUN"/slurmd*.pid; do  # every node of the last start, whatever the settings now
+        [ -e "$pidfile" ] && stop_one "$(basename "$pidfile" .pid)"
+    done
     kill_leftover_steps
     stop_one slurmctld
     stop_one slurmdbd
@@ -321,7 +409,7 @@ cmd_stop() {
 cmd_status() {
     local d pid rc=0
     if munge -n >/dev/null 2>&1; then echo "munged: running"; else echo "munged: stopped"; rc=1; fi
-    for d in mariadbd slurmdbd slurmctld slurmd; do
+    for d in $(written_daemons); do
         if pid="$(pid_of "$d")"; then echo "$d: running (pid $pid)"; else echo "$d: stopped"; rc=1; fi
     done
     if [ $rc -eq 0 ]; then
@@ -333,8 +421,9 @@ cmd_status() {
 
 case "${1:-}" in
     start) cmd_start ;;
+    restart) cmd_stop; cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) print_env ;;
-    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+    *) echo "usage: $0 start|restart|stop|status|env" >&2; exit 2 ;;
 esac

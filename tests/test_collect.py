@@ -21,7 +21,7 @@ from hpctrain.errors import HpctrainError
 from hpctrain.config import base_dict
 from hpctrain.model import build_model
 from hpctrain.report import plots, tensorboard
-from hpctrain.report.ranking import resolve_mode
+from hpctrain.monitor import better_mode as resolve_mode
 from hpctrain.report.runs import parse_metrics
 from hpctrain.runstate import RunState
 from hpctrain.sweep import SweepDir, expand
@@ -270,7 +270,7 @@ def test_plots_are_pngs_with_one_line_per_run(sweep_dir):
     root, _ = sweep_dir
     result = collect(root, top=3)
     names = sorted(p.name for p in (root / "plots").iterdir())
-    assert names == ["best_vs_model.hidden.png", "best_vs_optim.lr.png", "heatmap.png", "loss.png"]
+    assert names == ["by_model.hidden.png", "by_optim.lr.png", "heatmap.png", "loss.png"]
     for path in (root / "plots").iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = plots.curves_figure(result.data.runs, "loss", result.ranked[:3])
@@ -280,9 +280,10 @@ def test_plots_are_pngs_with_one_line_per_run(sweep_dir):
     # the best 3 that have curves are separate lines (run 7 is ranked but has no readable curve)
     assert sorted(g for g in plots.run_lines(fig, "val") if g != "val:segment") == \
         sorted(f"val:{r.run_id}" for r in result.ranked[1:3])
-    line_fig = plots.grid_line_figure(result.data.runs, "optim.lr", "val_loss", "min")
-    assert line_fig.axes[0].get_xscale() == "log"
-    assert len(line_fig.axes[0].get_lines()[0].get_xdata()) == 4
+    strip = plots.strip_figure(result.data.runs, "optim.lr", result.metric, result.mode)
+    assert strip.axes[0].get_xscale() == "log" and len(strip.axes[0].get_xticks()) == 4
+    points = sum(len(c.get_offsets()) for c in strip.axes[0].collections if (c.get_gid() or "").startswith("runs:"))
+    assert points == len([r for r in result.data.runs if r.best_value is not None])
 
 
 # --------------------------------------------------------------------------- idempotence, CLI
@@ -335,36 +336,42 @@ def test_command_prints_table_and_warnings(sweep_dir, capsys):
 # --------------------------------------------------------------------------- tensorboard, aggregate
 
 
-def test_crc32c_known_value():
-    assert tensorboard.crc32c(b"123456789") == 0xE3069283
-    assert tensorboard.crc32c_many([b"", b"a", b"123456789"]) == [0, 0xC1D04330, 0xE3069283]
-
-
 def test_tensorboard_event_files_parse_back(sweep_dir, tmp_path):
+    loader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.plugins.hparams import metadata
+
     root, _ = sweep_dir
     tb = tmp_path / "tb"
-    collect(root, plots=False, tensorboard=tb)
+    result = collect(root, plots=False, tensorboard=tb)
     folders = sorted(p.name for p in tb.iterdir())
     assert len(folders) == 6 and "lr=0.01,hidden=8" in folders
-    events = tensorboard.read_events(tb / "lr=0.01,hidden=8" / tensorboard.EVENT_FILE)
-    assert events[0]["file_version"] == "brain.Event:2"
-    assert [e["step"] for e in events[1:]] == [1, 2, 3, 4]
-    got = [e["scalars"]["val/loss"] for e in events[1:]]
-    assert np.allclose(got, [val_loss(0.25, e) for e in range(1, 5)], rtol=1e-6)
-    assert set(events[1]["scalars"]) == {"lr", "train/loss", "train/accuracy", "train/auc",
-                                         "val/loss", "val/accuracy", "val/auc"}
-    diverged = tensorboard.read_events(tb / "lr=0.001,hidden=8" / tensorboard.EVENT_FILE)
-    assert "val/loss" not in diverged[-1]["scalars"]  # NaN epochs are left out
+
+    def load(name):
+        acc = loader.EventAccumulator(str(tb / name))
+        acc.Reload()
+        return acc
+
+    acc = load("lr=0.01,hidden=8")
+    assert [s.step for s in acc.Scalars("val/loss")] == [1, 2, 3, 4]
+    assert np.allclose([s.value for s in acc.Scalars("val/loss")], [val_loss(0.25, e) for e in range(1, 5)],
+                       rtol=1e-6)
+    assert set(acc.Tags()["scalars"]) == {"lr", "train/loss", "train/accuracy", "train/auc",
+                                          "val/loss", "val/accuracy", "val/auc"}
+    hparams = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(hparams[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["optim.lr"].number_value == 0.01 and start.hparams["model.hidden"].string_value == "8"
+    experiment = metadata.parse_experiment_plugin_data(hparams[metadata.EXPERIMENT_TAG])
+    assert [m.name.tag for m in experiment.metric_infos] == [tensorboard.tag_for(result.metric)]
+    assert [s.step for s in load("lr=0.001,hidden=8").Scalars("val/loss")] == [1, 2]   # NaN epoch 3 left out
 
 
-def test_tensorboard_reader_accepts_files_if_installed(sweep_dir, tmp_path):
-    loader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+def test_tensorboard_files_are_identical_on_every_collect(sweep_dir, tmp_path):
+    pytest.importorskip("tensorboard")
     root, _ = sweep_dir
     collect(root, plots=False, tensorboard=tmp_path / "tb")
-    acc = loader.EventAccumulator(str(tmp_path / "tb" / "lr=0.01,hidden=8"))
-    acc.Reload()
-    values = [s.value for s in acc.Scalars("val/loss")]
-    assert np.allclose(values, [val_loss(0.25, e) for e in range(1, 5)], rtol=1e-6)
+    first = {p: p.read_bytes() for p in (tmp_path / "tb").rglob("events.*")}
+    collect(root, plots=False, tensorboard=tmp_path / "tb")
+    assert len(first) == 6 and {p: p.read_bytes() for p in (tmp_path / "tb").rglob("events.*")} == first
 
 
 def test_aggregate_merges_two_sweeps(tmp_path):

@@ -1,4 +1,9 @@
-"""The Trainer over real ranks: 2 ranks with batch B end where 1 rank with batch 2B ends."""
+"""The Trainer over real ranks: 2 ranks with batch B end where 1 rank with batch 2B ends.
+
+A unit test of the trainer and the backends alone: the rows are hand-arranged in memory
+(TensorLoader, no shuffling) so that the ranks' batches make up the single process's.
+tests/test_elastic.py checks the same through `hpctrain run`, the real ShardLoader's order
+and shuffling, several world sizes and weighted losses."""
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 import typing
 
@@ -11,8 +10,8 @@ import yaml
 
 from hpctrain import cli
 from hpctrain.config import ConfigError, build_config, set_dotted
-from hpctrain.launch import slurm
 from hpctrain.launch.cli_status import rows
+from hpctrain.plan import make_plan
 from hpctrain.runstate import read_state
 from hpctrain.sweep import SweepDir, _identity, expand, expand_grid, load_sweep, run_id_for
 
@@ -106,8 +105,7 @@ def test_layout_of_a_large_grid_makes_no_run_folders_and_shows_them_pending(tmp_
     assert len(sweep.records()) == 10_000
     table = rows(str(sweep.root), slurm_states=False)
     assert len(table) == 10_000 and {r["status"] for r in table} == {"pending"}
-    selection = slurm.select_runs(sweep, specs)
-    assert selection.indices == list(range(10_000))
+    assert make_plan(sweep, raw, specs).indices == list(range(10_000))
     run = sweep.prepare_run(specs[1234])  # what a submission or the run's start does
     assert read_state(run).status == "pending" and read_state(run).index == 1234
 
@@ -131,19 +129,4 @@ def test_dry_run_of_a_large_grid_is_quick(tmp_path, monkeypatch, capsys):
     assert code == 0, out.err
     assert out.out.count("\n# run ") == 20_000 and "#SBATCH --array=0-19999%16" in out.out
     assert elapsed < 15, f"a dry run of 20,000 points took {elapsed:.1f}s"
-    assert not (tmp_path / "sweeps").exists()
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_real_cluster_refuses_a_grid_past_max_array_size(slurm_cluster, tmp_path, monkeypatch, capsys):
-    limit = slurm.max_array_size()
-    assert limit is not None and limit > 0
-    monkeypatch.chdir(tmp_path)
-    raw = {"name": "toobig", "data": {"path": "data/x", "synth": {"rows": 100}},
-           "grid": {"seed": list(range(limit + 1))}}
-    (tmp_path / "c.yaml").write_text(json.dumps(raw))
-    code = cli.main(["submit", "c.yaml", "--executor", "slurm"])
-    err = capsys.readouterr().err
-    assert code == 2 and f"{limit + 1} grid point(s)" in err and f"MaxArraySize is {limit}" in err
     assert not (tmp_path / "sweeps").exists()

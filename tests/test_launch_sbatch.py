@@ -43,7 +43,7 @@ def test_script_has_array_resources_signal_setup_and_srun(tmp_path):
         assert expected in lines, expected
     srun = next(line for line in lines if line.startswith("srun "))
     assert srun.startswith("srun --mpi=pmix ") and srun == lines[-2]
-    assert '-m hpctrain run "$CONFIG" --index "${SLURM_ARRAY_TASK_ID:-0}" --sweep-dir "$SWEEP_DIR"' in srun
+    assert '-m hpctrain run "$CONFIG" --index "$((${HPCTRAIN_INDEX_OFFSET:-0} + ${SLURM_ARRAY_TASK_ID:-0}))" --sweep-dir "$SWEEP_DIR"' in srun
     # after the step: a run whose ranks were killed is recorded; the status is srun's, passed on
     assert lines[-1].startswith('"$PYTHON" -m hpctrain.launch.step_end $? "$CONFIG" --index')
     # hpctrain run requeues its own element after a preemption signal; the script decides nothing
@@ -149,5 +149,5 @@ def test_jobs_scripts_are_valid_bash():
     for script in sorted((REPO / "jobs").glob("*.sbatch")):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
         text = script.read_text()
-        assert "--index \"${SLURM_ARRAY_TASK_ID:-0}\"" in text and "srun --mpi=pmix" in text
+        assert "--index \"$((${HPCTRAIN_INDEX_OFFSET:-0} + ${SLURM_ARRAY_TASK_ID:-0}))\"" in text and "srun --mpi=pmix" in text
         assert "#SBATCH --signal=USR2@" in text and "#SBATCH --requeue" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_helpers import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -59,16 +60,6 @@ def states(sweep: Path) -> dict[int, dict]:
         except (FileNotFoundError, ValueError):
             out[rec["index"]] = {"status": "?"}
     return out
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def all_final(sweep: Path) -> bool:
@@ -271,6 +262,8 @@ def test_rank_killed_with_9_fails_the_element_names_the_rank_and_is_not_requeued
     assert state == "FAILED", (state, code)
     assert "kill9" not in queued_names()
     assert states(sweep)[0]["requeues"] == 0 and states(sweep)[0]["status"] == "failed"
+    shown = json.loads(hpctrain("status", sweep, "--json").stdout.splitlines()[0])
+    assert shown["status"] == "failed" and shown["slurm_reason"] == "FAILED (rank lost)", shown  # exit status 69
 
 
 def test_sbatch_element_preempted_by_signal_or_scontrol_requeue_resumes_with_identical_metrics(slurm_cluster,

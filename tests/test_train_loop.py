@@ -168,6 +168,32 @@ def test_weighted_loss_runs_and_needs_weights(tmp_path):
         trainer.fit()
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_micro_batches_step_on_the_whole_batch_mean(weighted):
+    # 3 backward passes over unequal micro-batches (11, 11, 10 rows) must give the gradient of the
+    # batch's (weighted) mean: each pass weighs its mean by its share of the batch's denominator.
+    from hpctrain.train.losses import build_loss
+    from hpctrain.train.optim import build_optimizer
+    from hpctrain.train.step import TrainStep
+
+    x, y, w = make_data("binary", n=32, weights=True)
+    w = w * torch.linspace(0.1, 3.0, 32) if weighted else None  # weights far from uniform
+    finals = []
+    for passes in (1, 3):
+        cfg = make_cfg(loss={"weighted": weighted}, optim={"name": "sgd", "lr": 0.5, "l2": 0.01},
+                       dist={"backward_passes_per_step": passes}, model={"dropout": 0.0})
+        backend = NoneBackend(cfg.dist, device_preference="cpu")
+        torch.manual_seed(0)
+        model = build_model(cfg.model, "binary", x.shape[1])
+        optimizer = build_optimizer(cfg.optim, model.parameters())
+        step = TrainStep(cfg, model, model, optimizer, build_loss(cfg.loss, "binary"), backend, torch.device("cpu"))
+        result = step(x, y, w)
+        finals.append((params(model), result.loss.item()))
+    (one, loss_one), (three, loss_three) = finals
+    assert loss_three == pytest.approx(loss_one, rel=1e-6)
+    assert all(torch.allclose(one[k], three[k], rtol=1e-5, atol=1e-7) for k in one)
+
+
 def test_no_progress_bar_without_a_terminal(capsys):
     trainer, _ = make_trainer(make_cfg(train={"epochs": 1}))
     trainer.fit()

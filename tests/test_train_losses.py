@@ -9,7 +9,8 @@ import torch
 from hpctrain.config import LossConfig
 from hpctrain.dist.backends import NoneBackend
 from hpctrain.errors import ConfigError, DataError
-from hpctrain.train.losses import MetricSums, build_loss, check_monitor, monitor_mode, roc_auc
+from hpctrain.monitor import better_mode as monitor_mode
+from hpctrain.train.losses import MetricSums, build_loss, check_monitor, roc_auc
 
 BACKEND = NoneBackend(device_preference="cpu")
 

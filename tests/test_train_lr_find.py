@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -17,7 +19,7 @@ from hpctrain.config import build_config
 from hpctrain.data.memory import TensorLoader
 from hpctrain.dist.backends import NoneBackend
 from hpctrain.train.losses import build_loss
-from hpctrain.train.lr_find import BatchShares, lr_range_test
+from hpctrain.train.lr_find import BatchShares, lr_range_test, steepest_descent_lr, tenth_of_divergence_lr
 from hpctrain.train.step import TrainStep
 from mpi_scripts.launch import MPIRUN_ARGS, PYTHON, REPO, clean_env, mpirun_available
 from conftest import require
@@ -50,12 +52,17 @@ def test_suggestion_on_linear_regression(tmp_path):
                            start_lr=1e-4, end_lr=100.0, steps=120, smoothing=0.9)
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)   # a copy was trained
     assert result.blowup_lr is not None and 0.8 < result.blowup_lr < 10
-    assert result.suggestion == result.blowup_lr / 10
+    assert result.suggestion == result.tenth_lr == result.blowup_lr / 10
     assert 0.05 < result.suggestion < 1.0
+    assert result.steepest_lr is not None and result.lrs[0] < result.steepest_lr <= result.min_loss_lr
     assert len(result.lrs) < 120 and result.lrs == sorted(result.lrs)
-    assert "suggested learning rate" in result.summary() and "smoothed" in result.table()
+    assert "steepest descent" in result.summary() and "tenth of divergence" in result.summary()
+    assert "smoothed" in result.table()
     result.plot(tmp_path / "lr.png")
     result.write_csv(tmp_path / "lr.csv")
+    result.write_json(tmp_path / "lr.json")
+    saved = json.loads((tmp_path / "lr.json").read_text())
+    assert saved["steepest_lr"] == result.steepest_lr and saved["tenth_lr"] == result.tenth_lr
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "lr.csv").read_text().splitlines()[0] == "step,lr,loss,smoothed"
     # the suggested rate trains the model well
@@ -67,6 +74,35 @@ def test_suggestion_on_linear_regression(tmp_path):
             opt.step()
     with torch.no_grad():
         assert loss_fn(model(x), y)[0].item() < 0.05
+
+
+def synthetic_curve(n: int = 121):
+    """A smoothed loss against LR 1e-6..1e0: flat at 1, a sigmoid drop to 0.1 centred on 1e-3
+    (steepest there), flat again, then a rise that passes 4 x the minimum just past 0.1."""
+    lrs = [10 ** (-6 + 6 * i / (n - 1)) for i in range(n)]
+    loss = [0.1 + 0.9 / (1 + math.exp(4 * (math.log10(lr) + 3))) + 30 * max(0.0, math.log10(lr) + 1) ** 2
+            for lr in lrs]
+    return lrs, loss
+
+
+def test_suggestions_on_a_known_curve():
+    lrs, loss = synthetic_curve()
+    best = min(range(len(loss)), key=loss.__getitem__)
+    blowup = next(lr for lr, v in zip(lrs[best:], loss[best:]) if v > 4 * loss[best])
+    steepest = steepest_descent_lr(lrs, loss)
+    tenth = tenth_of_divergence_lr(blowup, lrs[best])
+    assert steepest == pytest.approx(1e-3, rel=0.15)
+    assert tenth == pytest.approx(blowup / 10) and 0.1 < blowup < 0.2
+    assert steepest < lrs[best] and steepest < tenth < blowup
+
+
+def test_suggestions_without_a_descent_or_a_blowup():
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2]
+    assert steepest_descent_lr(lrs, [1.0, 1.1, 1.2, 1.3]) is None     # never falls: the minimum is first
+    assert steepest_descent_lr(lrs[:2], [1.0, 0.5]) is None           # too few points
+    assert steepest_descent_lr(lrs, [1.0, 0.9, float("nan"), 0.2]) == pytest.approx(1e-2)
+    assert tenth_of_divergence_lr(None, 1e-2) == pytest.approx(1e-3)
+    assert tenth_of_divergence_lr(None, None) is None
 
 
 # ---------------------------------------------------------------------- the trainer's step
@@ -225,16 +261,24 @@ def hpctrain_command() -> list[str]:
     return [str(script)] if script.exists() else [PYTHON, "-m", "hpctrain"]
 
 
+SUGGESTION = r"suggested learning rate \({}\): (\S+)"
+
+
 def lr_find(config: Path, out: Path, *overrides: str, ranks: int = 1) -> tuple[list[list[float]], str]:
-    """Run ``hpctrain lr-find``; the (lr, loss) rows of lr_find.csv and the suggestion printed."""
+    """Run ``hpctrain lr-find``; the (lr, loss) rows of lr_find.csv and the tenth-of-divergence
+    suggestion printed (the steepest-descent one is checked against lr_find.json here)."""
     args = [*hpctrain_command(), "lr-find", str(config), *overrides, "--steps", "50", "--start-lr", "1e-3",
             "--end-lr", "1000", "--out", str(out)]
     if ranks > 1:
         args = ["mpirun", "-np", str(ranks), *MPIRUN_ARGS, *args]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=clean_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    found = re.search(r"suggested learning rate: (\S+)", proc.stdout)
-    assert found, proc.stdout[-3000:]
+    found = re.search(SUGGESTION.format("tenth of divergence"), proc.stdout)
+    steepest = re.search(SUGGESTION.format("steepest descent"), proc.stdout)
+    assert found and steepest, proc.stdout[-3000:]
+    saved = json.loads((out / "lr_find.json").read_text())
+    assert float(found.group(1)) == pytest.approx(saved["tenth_lr"], rel=1e-2)
+    assert float(steepest.group(1)) == pytest.approx(saved["steepest_lr"], rel=1e-2)
     assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     with open(out / "lr_find.csv", newline="") as f:
         rows = [[float(r["lr"]), float(r["loss"])] for r in csv.DictReader(f)]
@@ -252,6 +296,12 @@ def single_process(tmp_path_factory):
     config = write_config(folder)
     rows, suggestion = lr_find(config, folder / "one", f"data.batch_size={2 * BATCH}")
     return config, rows, suggestion
+
+
+def test_command_prints_and_saves_both_suggestions(single_process):
+    # lr_find() asserts that both lines are printed and agree with lr_find.json
+    _, rows, suggestion = single_process
+    assert len(rows) < 50 and float(suggestion) > 0
 
 
 @pytest.mark.mpi

@@ -168,10 +168,13 @@ def test_local_elements_of_several_tasks_without_mpirun_write_nothing(here, caps
 
 @pytest.fixture
 def fake_cluster(monkeypatch):
-    """A cluster that answers, with MaxArraySize 5; a submission is a test failure."""
+    """A cluster that answers, with MaxArraySize 5 and MaxJobCount 7; a submission is a test failure."""
+    from hpctrain.launch import limits
+
     monkeypatch.setattr(slurm, "slurm_available", lambda timeout=10: True)
     monkeypatch.setattr(slurm, "queued_job_ids", lambda timeout=30: set())
-    monkeypatch.setattr(slurm, "max_array_size", lambda timeout=30: 5, raising=False)
+    monkeypatch.setattr(limits, "cluster_config", lambda: {"MaxArraySize": "5", "MaxJobCount": "7",
+                                                           "AccountingStorageType": limits.NO_ACCOUNTING})
 
     def submit_array(*_a, **_k):
         raise AssertionError("submitted")
@@ -184,14 +187,23 @@ def test_submit_to_slurm_with_an_unsafe_sweep_folder_writes_nothing(here, capsys
     assert nothing_written(here)
 
 
-@pytest.mark.parametrize("command", [["submit", "--executor", "slurm"], ["submit", "--executor", "slurm", "--dry-run"],
-                                     ["sbatch", "-o", "job.sbatch"]])
-def test_grid_larger_than_the_cluster_allows_is_refused_first(here, capsys, fake_cluster, command):
-    path = config(here, grid={"optim.lr": [0.1, 0.01, 0.001], "seed": [0, 1]})
+@pytest.mark.parametrize("command", [["submit", "--executor", "slurm"], ["submit", "--executor", "slurm", "--dry-run"]])
+def test_more_elements_than_the_cluster_takes_are_refused_first(here, capsys, fake_cluster, command):
+    path = config(here, grid={"optim.lr": [0.1, 0.01, 0.001], "seed": [0, 1, 2]})
     code, _out, err = hpctrain(capsys, command[0], path, *command[1:])
     assert code == 2, err
-    assert "6 grid point(s)" in err and "MaxArraySize" in err and "5" in err
+    assert "9 grid point(s)" in err and "MaxJobCount is 7" in err
     assert nothing_written(here)
+
+
+def test_a_grid_past_max_array_size_needs_several_sbatch_scripts(here, capsys, fake_cluster):
+    path = config(here, grid={"optim.lr": [0.1, 0.01, 0.001], "seed": [0, 1]})
+    code, _out, err = hpctrain(capsys, "sbatch", path)
+    assert code == 2 and "2 job arrays" in err, err
+    assert nothing_written(here)
+    code, out, err = hpctrain(capsys, "submit", path, "--executor", "slurm", "--dry-run")
+    assert code == 0, err
+    assert "#SBATCH --array=0-4%" in out
 
 
 def test_grid_within_the_cluster_limit_passes(here, capsys, fake_cluster):
@@ -200,13 +212,20 @@ def test_grid_within_the_cluster_limit_passes(here, capsys, fake_cluster):
     assert "#SBATCH --array=0-1%" in out
 
 
-def test_max_array_size_comes_from_scontrol(monkeypatch):
+def test_cluster_limits_come_from_scontrol(monkeypatch):
+    from hpctrain.launch import limits
+
     text = textwrap.dedent("""\
         Configuration data as of 2024-01-01T00:00:00
         MaxArraySize            = 1001
         MaxJobCount             = 10000
     """)
-    monkeypatch.setattr(slurm, "run_cmd", lambda args, timeout=30: slurm.subprocess.CompletedProcess(args, 0, text, ""))
-    assert slurm.max_array_size() == 1001
-    monkeypatch.setattr(slurm, "run_cmd", lambda args, timeout=30: slurm.subprocess.CompletedProcess(args, 1, "", "x"))
-    assert slurm.max_array_size() is None
+    monkeypatch.setattr(limits, "_asked", {})
+    monkeypatch.setattr(limits, "_run", lambda args, timeout: text if args[0] == "scontrol" else None)
+    found = limits.cluster_limits()
+    assert (found.max_array_size, found.max_job_count) == (1001, 10000)
+    monkeypatch.setattr(limits, "_asked", {})
+    monkeypatch.setattr(limits, "_run", lambda args, timeout: None)
+    assert limits.cluster_limits().max_array_size is None
+
+

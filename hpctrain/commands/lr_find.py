@@ -1,7 +1,8 @@
 """``hpctrain lr-find CONFIG [a.b=c ...]``: learning-rate range test for one grid point.
 
-Prints loss against an exponentially increasing learning rate, the suggested LR, and
-writes ``lr_find.png`` and ``lr_find.csv`` to ``--out`` (default
+Prints loss against an exponentially increasing learning rate and two suggested LRs
+(steepest descent; a tenth of divergence), and writes ``lr_find.png``, ``lr_find.csv`` and
+``lr_find.json`` (both suggestions) to ``--out`` (default
 ``sweeps/<name>/lr_find/<run_id>``). The model is the grid point's model as ``hpctrain
 run`` would build it; nothing of the sweep's runs is touched.
 
@@ -23,7 +24,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="steps of the test (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default 10)")
-    p.add_argument("--out", default=None, help="folder for lr_find.png and lr_find.csv")
+    p.add_argument("--out", default=None, help="folder for lr_find.png, lr_find.csv and lr_find.json")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,12 +49,13 @@ def main(args: argparse.Namespace) -> int:
             out = Path(args.out) if args.out else Path("sweeps") / cfg.name / "lr_find" / spec.run_id
             out.mkdir(parents=True, exist_ok=True)
             result.write_csv(out / "lr_find.csv")
+            result.write_json(out / "lr_find.json")
             result.plot(out / "lr_find.png")
             print(f"lr-find: grid point {spec.index} ({spec.run_id}), optimizer {cfg.optim.name}, "
                   f"{len(result.lrs)} steps")
             print(result.table())
             print(result.summary())
-            print(f"wrote {out / 'lr_find.png'} and {out / 'lr_find.csv'}")
+            print(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.csv'} and {out / 'lr_find.json'}")
     finally:
         backend.shutdown()
     return 0

@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--stratify", action="store_true", help="keep class proportions in every split")
     p.add_argument("--format", dest="fmt", choices=("csv", "npy", "npz", "h5"),
                    help="input format (default: from the file suffix)")
+    p.add_argument("--feature-shape", type=_shape, default=None, metavar="D1,D2,...",
+                   help="shape of one row's features for the model, e.g. 1,8,8 for 8x8 images (N-d arrays "
+                        "give it themselves); rows are stored flat")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser("synth", help="write a synthetic dataset with learnable structure",
@@ -71,6 +74,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 1,8,8") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 1,8,8")
+    return dims
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(p) for p in text.split(","))
@@ -91,7 +104,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     convert(args.input, args.out, task=args.task, target=args.target, weights=args.weights,
             features=args.features, shards=args.shards, split=args.split, seed=args.seed,
-            stratify=args.stratify, fmt=args.fmt, overwrite=args.overwrite, log=print)
+            stratify=args.stratify, fmt=args.fmt, overwrite=args.overwrite, feature_shape=args.feature_shape,
+            log=print)
     return 0
 
 

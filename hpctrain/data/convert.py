@@ -14,6 +14,7 @@ on. Mean and std are computed from the train rows only, as they are written.
 from __future__ import annotations
 
 import itertools
+import math
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -199,8 +200,12 @@ class _ArraySource(Source):
     """x [rows, F], y [rows] or [rows, K], optional w [rows], as row-chunk iterators."""
 
     def _setup(self, x_shape: tuple, y_shape: tuple, w_shape: Optional[tuple], names: Sequence[str]) -> None:
-        if len(x_shape) != 2:
-            raise DataError(f"{self.path}: x must be 2-D [rows, features]; got shape {x_shape}")
+        if len(x_shape) < 2:
+            raise DataError(f"{self.path}: x must be [rows, features] or [rows, *shape] (e.g. images "
+                            f"[rows, 1, 8, 8]); got shape {x_shape}")
+        # N-d rows are stored flat; their shape goes to meta.json for the model.
+        self.feature_shape = list(x_shape[1:]) if len(x_shape) > 2 else []
+        x_shape = (x_shape[0], math.prod(x_shape[1:]))
         if len(y_shape) not in (1, 2) or y_shape[0] != x_shape[0]:
             raise DataError(f"{self.path}: y must have {x_shape[0]} rows like x; got shape {y_shape}")
         if w_shape is not None and w_shape != (x_shape[0],):
@@ -214,7 +219,7 @@ class _ArraySource(Source):
         row = 0
         for x, y, w in zip(xs, ys, ws if ws is not None else itertools.repeat(None)):
             y = np.asarray(y)
-            yield row, np.asarray(x, dtype=np.float64), y.reshape(len(y), -1), \
+            yield row, np.asarray(x, dtype=np.float64).reshape(len(x), -1), y.reshape(len(y), -1), \
                 None if w is None else np.asarray(w, dtype=np.float64)
             row += len(x)
 
@@ -369,8 +374,12 @@ def assign_shards(count: int, shards: int, rng: np.random.Generator) -> np.ndarr
 def convert(input_path: str | Path, out: str | Path, *, task: str, target: Optional[str] = None,
             weights: Optional[str] = None, features: str = "x", shards: int = 4,
             split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, stratify: bool = False,
-            fmt: Optional[str] = None, overwrite: bool = False, log=None) -> Path:
-    """Convert one input file into a dataset folder at ``out``; returns its path."""
+            fmt: Optional[str] = None, overwrite: bool = False, feature_shape: Optional[Sequence[int]] = None,
+            log=None) -> Path:
+    """Convert one input file into a dataset folder at ``out``; returns its path.
+
+    ``feature_shape`` (e.g. (1, 8, 8)) is the shape of a row's features for the model: given
+    for flat input (CSV, 2-D arrays), or taken from an N-d array, which it must then match."""
     if task not in TASKS:
         raise DataError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if shards < 1:
@@ -394,7 +403,8 @@ def convert(input_path: str | Path, out: str | Path, *, task: str, target: Optio
                 feature_names=source.feature_names, mean=[], std=[], rows=counts, has_weights=source.has_weights,
                 target_names=source.target_names, class_names=class_names,
                 source={"kind": "convert", "input": str(source.path), "seed": seed, "split": list(split),
-                        "stratify": stratify})
+                        "stratify": stratify},
+                feature_shape=_row_shape(source, feature_shape))
     if task != "regression" and len(source.target_names) != 1:
         raise DataError(f"{source.path}: {task} needs one target column; got {', '.join(source.target_names)}")
     rng = np.random.default_rng([seed, 2])
@@ -405,6 +415,21 @@ def convert(input_path: str | Path, out: str | Path, *, task: str, target: Optio
         path = writer.finish()
     log(f"{path}: " + ", ".join(f"{s} {counts[s]} rows" for s in SPLITS))
     return path
+
+
+def _row_shape(source: Source, given: Optional[Sequence[int]]) -> list[int]:
+    found = list(getattr(source, "feature_shape", []) or [])
+    n = len(source.feature_names)
+    if given is None:
+        return found
+    given = [int(d) for d in given]
+    if math.prod(given) != n:
+        raise DataError(f"--feature-shape {','.join(map(str, given))}: holds {math.prod(given)} values but "
+                        f"{source.path} has {n} features per row")
+    if found and found != given:
+        raise DataError(f"--feature-shape {','.join(map(str, given))}: {source.path} holds rows of shape "
+                        f"{found}; leave the option out or give that shape")
+    return given if len(given) > 1 else []
 
 
 def _first_pass(source: Source, task: str) -> tuple[int, Optional[np.ndarray], Optional[LabelEncoder]]:

@@ -1,28 +1,36 @@
-"""ShardLoader: the rank-partitioned, block-shuffled, prefetching, resumable batch loader.
+"""ShardLoader: one global sample order per epoch, whatever the world size; each rank serves its part.
 
-One epoch of the train split, for a given (seed, epoch):
+One epoch of the train split, for a given (seed, epoch), is defined once for the dataset:
 
 1. The split's rows are cut into contiguous blocks of ``block_rows`` (the last block of
    each shard is shorter). The order of the blocks is shuffled with an rng of
-   (seed, epoch) - the same on every rank.
-2. The row sequence this gives is cut into ``world_size`` contiguous shares of equal
-   length, so a rank reads only about N/R rows. ``remainder="drop"`` leaves out the last
-   N mod R rows of the sequence (different rows every epoch, since the order changes);
-   ``"pad"`` repeats the first rows of the sequence to fill the last share.
-3. Each rank reads its share one buffer of ``buffer_blocks`` blocks at a time (one HDF5
-   slice per block piece) and shuffles the rows inside the buffer with an rng of
-   (seed, epoch, rank, buffer index).
-4. The rows are cut into batches of ``batch_size``; the last batch is smaller and has the
-   same size on every rank, so every rank yields the same number of batches.
+   (seed, epoch).
+2. The row sequence this gives is cut into ``streams`` (S, ``data.streams``) contiguous
+   streams. Global batch k of G rows (G = world size x batch size) takes the next
+   floor((p+1)G/S) - floor(pG/S) rows of each stream p, streams in order.
+3. Streams advance in rounds of K = max(1, block_rows * buffer_blocks // G) global
+   batches; the rows of each stream's part of a round are shuffled (the round's permutation
+   from an rng of (seed, epoch, stream)) before they are dealt out to the K batches.
+4. ``remainder="drop"`` rounds the last global batch down to a multiple of S (fewer than
+   S rows are left out); ``"pad"`` rounds it up (at most to G), wrapping to the start of
+   the sequence.
 
-Eval splits are cut into contiguous shares of all rows (nothing dropped; shares differ by
-at most one row). Every buffer's shuffle depends only on its index, so a loader restored
-with ``load_state_dict`` starts reading at the buffer of the next batch and yields exactly
-the rows that were left.
+Nothing above depends on the number of ranks R, only on G and S. Rank r of R (R must
+divide S) serves streams [rS/R, (r+1)S/R): its batch k is rows [rB, (r+1)B) of global
+batch k. It reads only its streams, contiguous runs of the block sequence, one HDF5
+slice per block piece. Every global batch is a multiple of R rows, so every rank yields
+the same number of batches of the same sizes, and global batch k is the same rows in the
+same order for every R dividing S.
+
+Eval splits are cut into contiguous shares of all rows in file order (nothing dropped;
+shares differ by at most one row). A round's shuffle depends only on its stream and index,
+so a loader restored with ``load_state_dict`` starts reading at the round of the next batch
+and yields exactly the rows that were left, on any world size that keeps G and S.
 """
 from __future__ import annotations
 
 import collections
+import math
 import queue
 import sys
 import threading
@@ -33,14 +41,16 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .shards import Dataset, ShardReader, ceil_div, open_dataset, standardization
 
-STATE_FORMAT = 1
-# Loader settings that fix an epoch's plan: a saved position means nothing under other values.
-PLAN_KEYS = ("split", "partition", "world_size", "batch_size", "seed", "rows", "remainder", "block_rows",
+STATE_FORMAT = 2
+# Loader settings that fix a train epoch's global order: a saved position means nothing under
+# other values. The world size is not one of them (eval splits add it, see _plan_keys).
+PLAN_KEYS = ("split", "partition", "global_batch", "streams", "seed", "rows", "remainder", "block_rows",
              "buffer_blocks", "shuffle")
-_BLOCK_SALT = 0xB10C  # keeps the block order and the buffer shuffles on separate rng streams
+DEFAULT_STREAMS = 8
+_BLOCK_SALT = 0xB10C  # keeps the block order and the round shuffles on separate rng streams
 _BUFFER_SALT = 0x5EED
 _POOL_BUFFERS = 4  # buffers kept for reuse: the prefetch queue's batches span at most about three
 
@@ -51,7 +61,7 @@ class Batch(NamedTuple):
     w: Optional[torch.Tensor]  # float32 [b], or None when the shards hold no weights
 
 
-# --------------------------------------------------------------------------- the plan (pure numpy)
+# --------------------------------------------------------------------------- the global order (pure numpy)
 
 
 def natural_blocks(shard_rows: list[int], block_rows: int, limit: Optional[int] = None) -> np.ndarray:
@@ -77,18 +87,6 @@ def block_order(blocks: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.
     return blocks[np.random.default_rng([seed, epoch, _BLOCK_SALT]).permutation(len(blocks))]
 
 
-def share_bounds(rows: int, rank: int, world_size: int, partition: str, remainder: str) -> tuple[int, int]:
-    """[start, stop) of this rank's share, in positions of the epoch's row sequence.
-
-    ``equal``: every rank the same length; with ``pad`` the positions may run past ``rows``
-    and wrap to the start of the sequence. ``contiguous``: all rows, shares differ by <= 1.
-    """
-    if partition == "contiguous":
-        return rank * rows // world_size, (rank + 1) * rows // world_size
-    per = rows // world_size if remainder == "drop" else ceil_div(rows, world_size)
-    return rank * per, (rank + 1) * per
-
-
 def slice_segments(segments: np.ndarray, ends: np.ndarray, start: int, stop: int) -> np.ndarray:
     """The pieces of ``segments`` (laid end to end; ``ends`` their cumulative ends) covering [start, stop)."""
     if stop <= start:
@@ -102,54 +100,174 @@ def slice_segments(segments: np.ndarray, ends: np.ndarray, start: int, stop: int
     return out
 
 
-def rank_segments(order: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Segments [shard, start, stop] of positions [start, stop) of the sequence ``order`` (wrapping)."""
-    ends = np.cumsum(order[:, 2] - order[:, 1])
+def sequence_segments(blocks: np.ndarray, ends: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Segments [shard, start, stop] of positions [start, stop) of the block sequence, wrapping
+    past its end (``pad``)."""
     total = int(ends[-1]) if len(ends) else 0
     pieces = []
     while start < stop and total:
         offset = start % total
         take = min(stop - start, total - offset)
-        pieces.append(slice_segments(order, ends, offset, offset + take))
+        pieces.append(slice_segments(blocks, ends, offset, offset + take))
         start += take
     return np.concatenate(pieces) if pieces else np.zeros((0, 3), dtype=np.int64)
 
 
-class EpochPlan(NamedTuple):
-    segments: np.ndarray  # this rank's rows, in reading order
-    ends: np.ndarray  # cumulative ends of segments
-    rows: int  # rows this rank yields this epoch
+def stream_shares(rows: int, streams: int) -> np.ndarray:
+    """Rows each stream gives to a global batch of ``rows``: floor((p+1)rows/S) - floor(p rows/S)."""
+    return np.diff(np.arange(streams + 1, dtype=np.int64) * rows // streams)
+
+
+class GlobalOrder:
+    """How one epoch's global batches draw on the streams: a function of the split's rows, the
+    global batch G, the stream count S, the remainder policy and the round window only."""
+
+    def __init__(self, rows: int, global_batch: int, streams: int, remainder: str, window_rows: int):
+        self.global_batch, self.streams = global_batch, streams
+        self.full_batches, rest = divmod(rows, global_batch)
+        if remainder == "drop":
+            self.last_rows = rest - rest % streams
+        else:
+            self.last_rows = min(ceil_div(rest, streams) * streams, global_batch)
+        self.batches = self.full_batches + (self.last_rows > 0)
+        self.share, self.last_share = stream_shares(global_batch, streams), stream_shares(self.last_rows, streams)
+        lengths = self.full_batches * self.share + self.last_share
+        self.stream_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.round_batches = max(1, window_rows // global_batch)
+        self.rounds = ceil_div(self.batches, self.round_batches)
+
+    def batch_rows(self, k: int) -> int:
+        return self.global_batch if k < self.full_batches else self.last_rows
+
+    def round_span(self, j: int) -> tuple[int, int]:
+        """Global batches [first, stop) of round ``j``."""
+        first = j * self.round_batches
+        return first, min(first + self.round_batches, self.batches)
+
+    def stream_rows(self, p: int, first: int, stop: int) -> tuple[int, int]:
+        """Positions [a, b) in the block sequence of stream ``p``'s rows of global batches [first, stop)."""
+        def taken(k: int) -> int:
+            return int(min(k, self.full_batches) * self.share[p] + (self.last_share[p] if k > self.full_batches else 0))
+        return int(self.stream_start[p]) + taken(first), int(self.stream_start[p]) + taken(stop)
+
+
+class Round(NamedTuple):
+    segments: np.ndarray  # [shard, start, stop] of the rows to read, in buffer order
+    order: Optional[np.ndarray]  # buffer positions in batch order; None: batches are the buffer as read
+    batch_rows: list[int]  # this rank's rows of each batch of the round
+
+
+class StreamPlan:
+    """One rank's part of a train epoch: its streams of a GlobalOrder, round by round."""
+
+    def __init__(self, order: GlobalOrder, blocks: np.ndarray, rank: int, world_size: int, seed: int,
+                 epoch: int, shuffle: bool):
+        per = order.streams // world_size
+        self.global_order, self.world_size = order, world_size
+        self.streams = range(rank * per, (rank + 1) * per)
+        self.blocks, self.ends = blocks, np.cumsum(blocks[:, 2] - blocks[:, 1])
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.batches, self.round_batches, self.rounds = order.batches, order.round_batches, order.rounds
+        self.gathers = shuffle or per > 1
+        self._generators: dict[int, tuple] = {}  # stream: (its generator, rounds drawn)
+        self.rows = (order.full_batches * order.global_batch + order.last_rows) // world_size
+
+    def round(self, j: int) -> Round:
+        first, stop = self.global_order.round_span(j)
+        segments, positions, offset = [], [], 0
+        for p in self.streams:
+            a, b = self.global_order.stream_rows(p, first, stop)
+            segments.append(sequence_segments(self.blocks, self.ends, a, b))
+            positions.append(offset + (self._shuffle(p, j, b - a) if self.shuffle else np.arange(b - a)))
+            offset += b - a
+        rows = [self.global_order.batch_rows(k) // self.world_size for k in range(first, stop)]
+        order = self._batch_major(positions, first, stop) if self.gathers else None
+        return Round(np.concatenate(segments), order, rows)
+
+    def _shuffle(self, stream: int, round_index: int, n: int) -> np.ndarray:
+        """The shuffle of a stream's rows of a round: the round's permutation drawn from the
+        stream's generator of the epoch. One generator per stream and epoch, not per round, as
+        seeding one costs about as much as permuting a round. Rounds come in order; a resumed
+        epoch first draws the permutations of the rounds already done."""
+        gen, done = self._generators.get(stream, (None, 0))
+        if gen is None or done > round_index:
+            gen, done = np.random.default_rng([self.seed, self.epoch, stream, _BUFFER_SALT]), 0
+        for j in range(done, round_index):
+            a, b = self.global_order.stream_rows(stream, *self.global_order.round_span(j))
+            gen.permutation(b - a)
+        self._generators[stream] = (gen, round_index + 1)
+        return gen.permutation(n)
+
+    def _batch_major(self, positions: list[np.ndarray], first: int, stop: int) -> np.ndarray:
+        """Interleave the streams' rows so that each batch is one contiguous run: stream p's
+        share of batch 1, stream p+1's share of batch 1, ..., then batch 2."""
+        full = max(0, min(stop, self.global_order.full_batches) - first)
+        shares = [int(self.global_order.share[p]) for p in self.streams]
+        heads = [pos[:full * c].reshape(full, c) for pos, c in zip(positions, shares)]
+        tails = [pos[full * c:] for pos, c in zip(positions, shares)]
+        return np.concatenate([np.concatenate(heads, axis=1).reshape(-1)] + tails)
+
+
+class ContiguousPlan:
+    """One rank's contiguous share of an eval split, in file order: every row exactly once."""
+
+    def __init__(self, blocks: np.ndarray, rows: int, rank: int, world_size: int, batch_size: int,
+                 window_rows: int, seed: int, epoch: int, shuffle: bool):
+        self.lo, hi = rank * rows // world_size, (rank + 1) * rows // world_size
+        self.rows, self.batch_size = hi - self.lo, batch_size
+        self.blocks, self.ends = blocks, np.cumsum(blocks[:, 2] - blocks[:, 1])
+        self.seed, self.epoch, self.rank, self.shuffle = seed, epoch, rank, shuffle
+        self.batches = ceil_div(self.rows, batch_size)
+        self.round_batches = max(1, window_rows // batch_size)
+        self.rounds = ceil_div(self.batches, self.round_batches)
+        self.gathers = shuffle
+
+    def round(self, j: int) -> Round:
+        first = j * self.round_batches
+        stop = min(first + self.round_batches, self.batches)
+        a, b = first * self.batch_size, min(stop * self.batch_size, self.rows)
+        order = None
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, self.rank, j, _BUFFER_SALT]).permutation(b - a)
+        rows = [min(self.batch_size, self.rows - k * self.batch_size) for k in range(first, stop)]
+        return Round(sequence_segments(self.blocks, self.ends, self.lo + a, self.lo + b), order, rows)
 
 
 # --------------------------------------------------------------------------- the loader
 
 
 class ShardLoader:
-    """Batches of one split for one rank; see the module docstring for the epoch plan."""
+    """Batches of one split for one rank; see the module docstring for the epoch's order."""
 
     def __init__(self, path_or_dataset: Any, split: str = "train", batch_size: int = 1024, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, seed: int = 0, remainder: str = "drop",
                  block_rows: int = 4096, buffer_blocks: int = 8, prefetch: int = 4, standardize: bool = True,
                  limit_rows: Optional[int] = None, device: Any = torch.device("cpu"),
-                 partition: Optional[str] = None):
-        _check_args(batch_size, rank, world_size, remainder, block_rows, buffer_blocks, prefetch, limit_rows)
+                 partition: Optional[str] = None, streams: int = DEFAULT_STREAMS):
+        _check_args(batch_size, rank, world_size, remainder, block_rows, buffer_blocks, prefetch, limit_rows,
+                    streams)
         self.dataset: Dataset = open_dataset(path_or_dataset)
         self.split = split
         self.shards = self.dataset.shards(split)
-        # Train batches must line up across ranks (equal shares); eval reads every row once.
+        # Train batches follow the global order; eval reads every row once.
         self.partition = partition or ("equal" if split == "train" else "contiguous")
         if self.partition not in ("equal", "contiguous"):
             raise ValueError(f"partition: {self.partition!r}; expected 'equal' or 'contiguous'")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.remainder = bool(shuffle), seed, remainder
         self.block_rows, self.buffer_blocks, self.prefetch = block_rows, buffer_blocks, prefetch
-        self.standardize = standardize
+        self.standardize, self.streams = standardize, streams
         self.device = torch.device(device)
         self._blocks = natural_blocks([s.rows for s in self.shards], block_rows, limit_rows)
         self.rows = int((self._blocks[:, 2] - self._blocks[:, 1]).sum())
-        if self.partition == "equal" and self.rows < world_size:
-            raise DataError(f"{self.dataset.path}: split {split!r} has {self.rows} rows; expected at least "
-                            f"one per rank (world size {world_size})")
+        self.global_batch = batch_size * world_size
+        self._order = None
+        if self.partition == "equal":
+            _check_streams(streams, world_size)
+            self._order = GlobalOrder(self.rows, self.global_batch, streams, remainder, self._window_rows)
+            if self._order.batches == 0:
+                raise DataError(f"{self.dataset.path}: split {split!r} has {self.rows} rows; expected at least "
+                                f"one per stream (data.streams = {streams})")
         self.epoch = 0
         self.batches_done = 0  # batches handed out in the current epoch
         self._resume_pending = False
@@ -159,38 +277,46 @@ class ShardLoader:
     def from_config(cls, data_cfg: Any, split: str, *, rank: int, world_size: int, seed: int,
                     device: Any = torch.device("cpu"), shuffle: Optional[bool] = None) -> "ShardLoader":
         """A loader from ``hpctrain.config.DataConfig``; shuffles the train split only unless told."""
-        return cls(data_cfg.path, split=split, batch_size=data_cfg.batch_size, rank=rank, world_size=world_size,
-                   shuffle=(split == "train") if shuffle is None else shuffle, seed=seed,
+        return cls(data_cfg.path, split=split, batch_size=rank_batch_size(data_cfg, world_size), rank=rank,
+                   world_size=world_size, shuffle=(split == "train") if shuffle is None else shuffle, seed=seed,
                    remainder=data_cfg.remainder, block_rows=data_cfg.block_rows,
                    buffer_blocks=data_cfg.buffer_blocks, prefetch=data_cfg.prefetch,
-                   standardize=data_cfg.standardize, limit_rows=data_cfg.limit_rows, device=device)
+                   standardize=data_cfg.standardize, limit_rows=data_cfg.limit_rows, device=device,
+                   streams=getattr(data_cfg, "streams", DEFAULT_STREAMS))
 
     @property
     def meta(self):
         return self.dataset.meta
 
     @property
+    def _window_rows(self) -> int:
+        return self.block_rows * self.buffer_blocks
+
+    @property
     def rows_per_rank(self) -> int:
-        start, stop = share_bounds(self.rows, self.rank, self.world_size, self.partition, self.remainder)
-        return stop - start
+        return self.plan().rows
 
     def __len__(self) -> int:
-        return ceil_div(self.rows_per_rank, self.batch_size)
+        if self._order is not None:
+            return self._order.batches
+        return ceil_div(self.plan().rows, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose plan the next iteration follows; a restored position is kept
+        """Select the epoch whose order the next iteration follows; a restored position is kept
         when ``epoch`` is the restored one."""
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.batches_done = 0
             self._resume_pending = False
 
-    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+    def plan(self, epoch: Optional[int] = None) -> "StreamPlan | ContiguousPlan":
+        """This rank's reading plan of ``epoch`` (default: the selected one)."""
         epoch = self.epoch if epoch is None else epoch
-        order = block_order(self._blocks, self.seed, epoch, self.shuffle)
-        start, stop = share_bounds(self.rows, self.rank, self.world_size, self.partition, self.remainder)
-        segments = rank_segments(order, start, stop)
-        return EpochPlan(segments, np.cumsum(segments[:, 2] - segments[:, 1]), stop - start)
+        blocks = block_order(self._blocks, self.seed, epoch, self.shuffle)
+        if self._order is not None:
+            return StreamPlan(self._order, blocks, self.rank, self.world_size, self.seed, epoch, self.shuffle)
+        return ContiguousPlan(blocks, self.rows, self.rank, self.world_size, self.batch_size, self._window_rows,
+                              self.seed, epoch, self.shuffle)
 
     # ----------------------------------------------------------------- iteration
 
@@ -217,16 +343,21 @@ class ShardLoader:
     # ----------------------------------------------------------------- checkpoints
 
     def _plan_values(self) -> dict:
-        return {"split": self.split, "partition": self.partition, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed, "rows": self.rows,
-                "remainder": self.remainder, "block_rows": self.block_rows,
+        return {"split": self.split, "partition": self.partition, "global_batch": self.global_batch,
+                "streams": self.streams, "world_size": self.world_size, "batch_size": self.batch_size,
+                "seed": self.seed, "rows": self.rows, "remainder": self.remainder, "block_rows": self.block_rows,
                 "buffer_blocks": self.buffer_blocks, "shuffle": self.shuffle}
 
-    def state_dict(self) -> dict:
-        """The position: epoch and batches handed out, plus the settings that fix the plan.
+    def _plan_keys(self) -> tuple[str, ...]:
+        # An eval split's shares are cut per rank, so there the world size matters too.
+        return PLAN_KEYS if self.partition == "equal" else PLAN_KEYS + ("world_size", "batch_size")
 
-        Plain Python types only. The state is the same on every rank of a train loader,
-        so rank 0's copy restores all of them.
+    def state_dict(self) -> dict:
+        """The position: epoch and batches handed out, plus the settings that fix the order.
+
+        Plain Python types only. A train loader's batch k is the same global batch on every
+        rank and for every world size that keeps the global batch and the streams, so rank
+        0's copy restores every rank of any such world.
         """
         return {"format": STATE_FORMAT, "epoch": self.epoch, "batches_done": self.batches_done,
                 "batches_total": len(self), **self._plan_values()}
@@ -234,23 +365,23 @@ class ShardLoader:
     def load_state_dict(self, state: dict, strict: bool = False) -> None:
         """Resume after batch ``batches_done`` of ``epoch`` on the next iteration.
 
-        Under the same plan settings the rows that follow are exactly those an uninterrupted
-        epoch would have read. A position saved under other settings (a requeued job with
-        another world size, say) cannot be continued exactly: ``strict`` raises DataError
-        naming the settings; otherwise a warning is issued and the epoch resumes at the
-        same fraction of its batches.
+        Under the same order settings (any world size dividing the streams, with the same
+        global batch) the rows that follow are exactly those an uninterrupted epoch would have
+        read. A position saved under other settings (another global batch, say) cannot be
+        continued exactly: ``strict`` raises DataError naming the settings; otherwise a
+        warning is issued and the epoch resumes at the same fraction of its batches.
         """
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (1, STATE_FORMAT):  # format 1: a world-size dependent order
             raise DataError(f"loader state: format {state.get('format')!r}; expected {STATE_FORMAT}")
         self.close()
         mine = self._plan_values()
-        differ = {k: (state.get(k), mine[k]) for k in PLAN_KEYS if state.get(k) != mine[k]}
+        differ = {k: (state.get(k), mine[k]) for k in self._plan_keys() if state.get(k) != mine[k]}
         done = int(state["batches_done"])
         if differ and done > 0:
             detail = ", ".join(f"{k} {a!r} saved, {b!r} now" for k, (a, b) in differ.items())
             message = f"loader state of split {self.split!r} was saved under other settings ({detail})"
             if strict:
-                raise DataError(f"{message}; an exact mid-epoch resume needs the same settings")
+                raise DataError(f"{message}; an exact mid-epoch resume needs the same global order")
             total = max(1, int(state.get("batches_total") or done))
             done = round(done * len(self) / total)
             warnings.warn(f"{message}: resuming at batch {done} of {len(self)}, the same fraction of the epoch; "
@@ -260,10 +391,31 @@ class ShardLoader:
         self._resume_pending = True
 
 
-def _check_args(batch_size, rank, world_size, remainder, block_rows, buffer_blocks, prefetch, limit_rows) -> None:
-    if batch_size < 1 or block_rows < 1 or buffer_blocks < 1 or prefetch < 0:
-        raise ValueError(f"batch_size, block_rows, buffer_blocks must be >= 1 and prefetch >= 0; got "
-                         f"{batch_size}, {block_rows}, {buffer_blocks}, {prefetch}")
+def rank_batch_size(data_cfg: Any, world_size: int) -> int:
+    """This rank's batch: ``data.global_batch_size`` / world size when set, else ``data.batch_size``."""
+    total = getattr(data_cfg, "global_batch_size", None)
+    if total is None:
+        return data_cfg.batch_size
+    if total % world_size:
+        raise ConfigError(f"data.global_batch_size: {total} is not a multiple of the world size {world_size}; "
+                          f"expected a global batch that every rank can take an equal share of")
+    return total // world_size
+
+
+def _check_streams(streams: int, world_size: int) -> None:
+    if streams % world_size:
+        raise ConfigError(f"data.streams: {streams} streams cannot be shared by {world_size} ranks; the world size "
+                          f"must divide data.streams (the epoch's order is defined over the streams). Use a world "
+                          f"size that divides {streams}, or set data.streams to a multiple of {world_size} such as "
+                          f"{math.lcm(streams, world_size)} (another order: runs on other world sizes then match it "
+                          f"only if they use the same value)")
+
+
+def _check_args(batch_size, rank, world_size, remainder, block_rows, buffer_blocks, prefetch, limit_rows,
+                streams) -> None:
+    if min(batch_size, block_rows, buffer_blocks, streams) < 1 or prefetch < 0:
+        raise ValueError(f"batch_size, block_rows, buffer_blocks, streams must be >= 1 and prefetch >= 0; got "
+                         f"{batch_size}, {block_rows}, {buffer_blocks}, {streams}, {prefetch}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
     if remainder not in ("drop", "pad"):
@@ -279,90 +431,78 @@ class _BatchProducer:
     """Everything one epoch's reading needs, copied from the loader so that the background
     threads hold no reference to the loader or its iterator.
 
-    Two stages: reading buffers from the files, and shuffling them into batches. With
-    ``read_ahead`` the reading runs in a thread of its own, one buffer ahead: its preadv
+    Two stages: reading a round's rows from the files, and gathering them into batches. With
+    ``read_ahead`` the reading runs in a thread of its own, one round ahead: its preadv
     calls release the GIL, so reading overlaps the gather and standardisation.
     """
 
-    def __init__(self, loader: ShardLoader, plan: EpochPlan, first_batch: int, read_ahead: bool):
+    def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
+                 read_ahead: bool):
         self.dataset, self.split, self.plan = loader.dataset, loader.split, plan
-        self.batch_size, self.seed, self.epoch, self.rank = loader.batch_size, loader.seed, loader.epoch, loader.rank
-        self.shuffle, self.read_ahead = loader.shuffle, read_ahead
-        self.buffer_rows = min(loader.block_rows * loader.buffer_blocks, max(plan.rows, 1))
-        self.first_row = min(first_batch * loader.batch_size, plan.rows)
+        self.first_batch, self.read_ahead = first_batch, read_ahead
+        self.buffer_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
         self.pin = loader.device.type == "cuda"
         meta = loader.meta
         self.n_features, self.has_weights = meta.n_features, meta.has_weights
         self.y_dtype = np.float32 if meta.task == "regression" else np.int64
         self.y_tail = (meta.n_targets,) if meta.task == "regression" else ()
-        self._read_pool: list[tuple] = []  # buffers read from the files
-        self._batch_pool: list[tuple] = []  # shuffled buffers that batches are views of
+        self._read_pool: list[tuple] = []  # rounds read from the files
+        self._batch_pool: list[tuple] = []  # gathered rounds that batches are views of
         self.scale = None
         if loader.standardize:
             mean, inv_std = standardization(meta)
             self.scale = (torch.from_numpy(-mean * inv_std), torch.from_numpy(inv_std))  # shift, factor
 
     def __call__(self) -> Iterator[tuple]:
-        buffers = _Background(self._read_buffers, 2, "hpctrain-read") if self.read_ahead else self._read_buffers()
+        rounds = _Background(self._read_rounds, 2, "hpctrain-read") if self.read_ahead else self._read_rounds()
         try:
-            yield from self._batches(buffers)
+            yield from self._batches(rounds)
         finally:
-            buffers.close()
+            rounds.close()
 
-    def _read_buffers(self) -> Iterator[tuple]:
-        """(buffer index, its rows read from the files) for each buffer left in the epoch."""
-        size, rows = self.buffer_rows, self.plan.rows
-        if self.first_row >= rows:
+    def _read_rounds(self) -> Iterator[tuple]:
+        """(round index, its plan, its rows read from the files) for each round left in the epoch."""
+        plan = self.plan
+        if self.first_batch >= plan.batches:
             return
         reader = ShardReader(self.dataset, self.split)  # opened in the thread that reads
         try:
-            for k in range(self.first_row // size, ceil_div(rows, size)):
-                lo, hi = k * size, min((k + 1) * size, rows)
-                # Without shuffling, batches are views of the buffer read: pin it for a GPU.
-                arrays = _from_pool(self._read_pool, lambda: self._arrays(size, self.pin and not self.shuffle),
-                                    hi - lo)
-                self._fill(reader, lo, hi, arrays)
-                yield k, arrays
+            for j in range(self.first_batch // plan.round_batches, plan.rounds):
+                rnd = plan.round(j)
+                # Without a gather, batches are views of the rows read: pin them for a GPU.
+                arrays = _from_pool(self._read_pool,
+                                    lambda: self._arrays(self.buffer_rows, self.pin and not plan.gathers),
+                                    sum(rnd.batch_rows))
+                self._fill(reader, rnd.segments, arrays)
+                yield j, rnd, arrays
                 del arrays  # so the pool sees the buffer free once the batches are done with it
         finally:
             reader.close()
 
-    def _batches(self, buffers: Iterator[tuple]) -> Iterator[tuple]:
-        """Shuffle each buffer and cut it into batches (views of it).
+    def _batches(self, rounds: Iterator[tuple]) -> Iterator[tuple]:
+        """Gather each round into batch order and cut it into batches (views of it).
 
-        Rows are gathered into the shuffled buffer batch by batch and standardised right
-        away, while the batch is still in the CPU cache: one pass over memory, not two.
+        Rows are gathered batch by batch and standardised right away, while the batch is
+        still in the CPU cache: one pass over memory, not two.
         """
-        size, rows, b = self.buffer_rows, self.plan.rows, self.batch_size
-        pos = self.first_row
-        pending: list[tuple] = []  # the first rows of a batch that continues in the next buffer
-        for k, raw in buffers:
-            n = len(raw[0])
-            lo = k * size
-            order, dest = None, raw
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch, self.rank, k, _BUFFER_SALT]).permutation(n)
-                dest = _from_pool(self._batch_pool, lambda: self._arrays(self.buffer_rows, self.pin), n)
-            p = pos - lo
-            while p < n:
-                end = min((pos // b + 1) * b, rows)  # where the batch holding ``pos`` ends
-                take = min(end - pos, n - p)
-                if order is not None:
+        for j, rnd, raw in rounds:
+            dest = raw
+            if rnd.order is not None:
+                dest = _from_pool(self._batch_pool, lambda: self._arrays(self.buffer_rows, self.pin), len(raw[0]))
+            k, end = j * self.plan.round_batches, 0
+            for rows in rnd.batch_rows:
+                lo, end, k = end, end + rows, k + 1
+                if k <= self.first_batch:  # resumed: batches of this round already trained on
+                    continue
+                if rnd.order is not None:
                     for out, src in zip(dest, raw):
                         if out is not None:
                             # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
-                            src.take(order[p:p + take], axis=0, out=out[p:p + take], mode="clip")
+                            src.take(rnd.order[lo:end], axis=0, out=out[lo:end], mode="clip")
                 # One tensor per batch, not views of one buffer tensor: views share autograd's
                 # version counter, and standardising the next batch in place would then
                 # invalidate the input the current step saved for its backward pass.
-                piece = self._standardize(tuple(None if a is None else torch.from_numpy(a[p:p + take])
-                                                for a in dest))
-                p, pos = p + take, pos + take
-                if pos < end:
-                    pending.append(piece)
-                    continue
-                yield self._concat(pending + [piece]) if pending else piece
-                pending = []
+                yield self._standardize(tuple(None if a is None else torch.from_numpy(a[lo:end]) for a in dest))
             del raw, dest
 
     def _standardize(self, batch: tuple) -> tuple:
@@ -373,10 +513,10 @@ class _BatchProducer:
             torch.addcmul(self.scale[0], batch[0], self.scale[1], out=batch[0])
         return batch
 
-    def _fill(self, reader: ShardReader, lo: int, hi: int, arrays: tuple) -> None:
+    def _fill(self, reader: ShardReader, segments: np.ndarray, arrays: tuple) -> None:
         xbuf, ybuf, wbuf = arrays
         offset = 0
-        for shard, start, stop in slice_segments(self.plan.segments, self.plan.ends, lo, hi).tolist():
+        for shard, start, stop in segments.tolist():
             n = stop - start
             reader.read(shard, start, stop, xbuf[offset:offset + n], ybuf[offset:offset + n],
                         None if wbuf is None else wbuf[offset:offset + n])
@@ -394,17 +534,6 @@ class _BatchProducer:
         else:
             arrays = [np.empty(shape, dtype=dt) for shape, dt in shapes]
         return tuple(arrays) + ((None,) if not self.has_weights else ())
-
-    def _concat(self, pieces: list[tuple]) -> tuple:
-        joined = []
-        for parts in zip(*pieces):
-            if parts[0] is None:
-                joined.append(None)
-                continue
-            out = torch.empty((sum(len(p) for p in parts),) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype,
-                              pin_memory=self.pin)
-            joined.append(torch.cat(parts, out=out))
-        return tuple(joined)
 
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
@@ -513,10 +642,14 @@ class _Background:
 class EpochIterator:
     """Iterates one epoch; with ``prefetch`` > 0 background threads read ahead."""
 
-    def __init__(self, loader: ShardLoader, plan: EpochPlan, first_batch: int, prefetch: int):
+    def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int, prefetch: int):
         self._loader = weakref.ref(loader)
         self._device = loader.device
         self._closed = False
+        # Host batches whose non-blocking copies to the device may still be queued, each with
+        # an event recorded after its copies: holding a batch keeps its pooled buffer from
+        # being refilled (_from_pool) until the device has read it.
+        self._in_flight: collections.deque = collections.deque()
         produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0)
         self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()
 
@@ -532,18 +665,32 @@ class EpochIterator:
             self.close()
             raise
         if self._device.type != "cpu":
-            x, y = x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True)
-            w = None if w is None else w.to(self._device, non_blocking=True)
+            x, y, w = self._to_device(x, y, w)
         loader = self._loader()
         if loader is not None:
             loader._yielded(self)
         return Batch(x, y, w)
+
+    def _to_device(self, x, y, w):
+        while self._in_flight and self._in_flight[0][0].query():
+            self._in_flight.popleft()  # copied: its buffer may be refilled
+        host = (x, y, w)
+        x, y = x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True)
+        w = None if w is None else w.to(self._device, non_blocking=True)
+        if self._device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._in_flight.append((event, host))
+        return x, y, w
 
     def close(self) -> None:
         """Stop reading ahead and close the shard files; safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        for event, _ in self._in_flight:
+            event.synchronize()
+        self._in_flight.clear()
         self._source.close()
 
     def __del__(self) -> None:

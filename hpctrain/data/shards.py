@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,12 @@ class Meta:
     class_names: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     source: dict = field(default_factory=dict)
+    # The shape of one row's features for the model (e.g. [1, 8, 8] images); shards store rows flat.
+    feature_shape: list[int] = field(default_factory=list)
+
+    @property
+    def row_shape(self) -> list[int]:
+        return list(self.feature_shape) or [self.n_features]
 
     def to_json(self, shards: dict[str, list[ShardInfo]]) -> dict:
         return {
@@ -69,6 +76,7 @@ class Meta:
             "n_features": self.n_features, "n_classes": self.n_classes, "n_targets": self.n_targets,
             "feature_names": list(self.feature_names), "target_names": list(self.target_names),
             "class_names": list(self.class_names), "has_weights": self.has_weights,
+            "feature_shape": self.row_shape,
             "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
             "rows": {s: int(self.rows.get(s, 0)) for s in SPLITS},
             "shards": {s: [{"file": i.file, "rows": i.rows, "sha256": i.sha256} for i in shards.get(s, [])]
@@ -86,6 +94,18 @@ def _require(d: dict, key: str, kind: Any, where: Path) -> Any:
     if kind is not int and not isinstance(value, kind):
         raise DataError(f"{where}: {key} has the wrong type ({type(value).__name__})")
     return value
+
+
+def _feature_shape(value: Any, n_features: int, where: Path) -> list[int]:
+    if value is None:
+        return []
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in value)):
+        raise DataError(f"{where}: feature_shape {value!r}: expected a list of positive integers such as [1, 8, 8]")
+    if math.prod(value) != n_features:
+        raise DataError(f"{where}: feature_shape {value} holds {math.prod(value)} values; expected "
+                        f"n_features = {n_features}")
+    return [] if len(value) == 1 else list(value)
 
 
 def parse_meta(raw: Any, folder: Path) -> tuple[Meta, dict[str, list[ShardInfo]]]:
@@ -116,6 +136,7 @@ def parse_meta(raw: Any, folder: Path) -> tuple[Meta, dict[str, list[ShardInfo]]
         has_weights=bool(raw.get("has_weights", False)),
         target_names=list(raw.get("target_names", [])), class_names=list(raw.get("class_names", [])),
         format_version=version, source=dict(raw.get("source") or {}),
+        feature_shape=_feature_shape(raw.get("feature_shape"), n_features, where),
     )
     for key in ("feature_names", "mean", "std"):
         if len(getattr(meta, key)) != n_features:

@@ -14,6 +14,9 @@ import argparse
 import json
 import sys
 
+from .. import exitcodes
+from ..plan import RERUN_CHOICES
+from ..plan import short as _short
 from .lock import SweepLock
 
 
@@ -25,52 +28,76 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "tasks); debug: one after the other in this process. auto (default): slurm when "
                         "a cluster answers, else local")
     p.add_argument("--sweep-dir", default=None, help="sweep folder (default sweeps/<name>)")
-    p.add_argument("--rerun", choices=("none", "failed", "diverged", "all"), default="none",
-                   help="also run finished runs: failed ones resume from their checkpoints, diverged/all "
-                        "start again from scratch (the old folder is kept under replaced/)")
-    p.add_argument("--dry-run", action="store_true", help="print the grid and the sbatch script; submit nothing")
+    p.add_argument("--rerun", choices=RERUN_CHOICES, default="none",
+                   help="also run finished runs: failed ones resume from their checkpoints, pruned ones go on "
+                        "from theirs (promoted at the rung that stopped them), diverged/all start again from "
+                        "scratch (the old folder is kept under replaced/)")
+    p.add_argument("--only", type=_indices, default=None, metavar="I,J,...",
+                   help="run only these grid points, finished ones again (failed ones resume, others "
+                        "start from scratch with the old folder kept under replaced/)")
+    p.add_argument("--extend-epochs", type=int, default=None, metavar="N",
+                   help="train.epochs=N: finished runs continue from last.pt to N epochs where their "
+                        "schedule allows it (the plan names those that cannot)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the submit would do (runs, skips, sweep changes) and the sbatch script")
     p.add_argument("--no-collect", action="store_true", help="no dependent `hpctrain collect` job")
 
 
+def _indices(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected grid indices such as 3,7") from None
+
+
 def main(args: argparse.Namespace) -> int:
+    from ..plan import make_plan
     from ..runner import check_data, prepare_sweep
     from . import slurm
 
-    sweep, raw, specs = prepare_sweep(args.config, list(args.overrides), args.sweep_dir, write=False)
+    overrides = list(args.overrides)
+    if args.extend_epochs is not None:
+        overrides.append(f"train.epochs={args.extend_epochs}")
+    sweep, raw, specs = prepare_sweep(args.config, overrides, args.sweep_dir, write=False)
     cfg = specs[0].config
     check_data(specs, args.config)
     executor = slurm.resolve_executor(args.executor)
     queued = slurm.queued_job_ids() if executor == "slurm" else None
-    selection = slurm.select_runs(sweep, specs, args.rerun, queued)
-    _check_executor(executor, cfg, sweep, len(selection.indices), len(specs))
+    plan = make_plan(sweep, raw, specs, rerun=args.rerun, queued=queued, only=args.only)
+    _check_executor(executor, cfg, sweep, len(plan.indices), len(specs))
     if args.dry_run:
-        return _dry_run(cfg, sweep, specs, selection, executor)
+        return _dry_run(cfg, sweep, specs, plan, executor)
     with SweepLock(sweep.root):
         return _submit_locked(args, sweep, raw, specs, executor)
 
 
 def _submit_locked(args: argparse.Namespace, sweep, raw, specs, executor: str) -> int:
     """Lay out the sweep and submit what is unfinished, holding the sweep's lock."""
+    from ..plan import apply_evolution, apply_promotions, make_plan, set_aside
     from . import slurm
 
     cfg = specs[0].config
-    sweep.write(raw, specs)
-    # Selected again under the lock: a submit that waited for another finds the runs it queued.
+    # Planned again under the lock: a submit that waited for another finds the runs it queued.
     queued = slurm.queued_job_ids() if executor == "slurm" else None
-    selection = slurm.select_runs(sweep, specs, args.rerun, queued)
-    _report_skipped(selection, len(specs))
-    if not selection.indices:
+    plan = make_plan(sweep, raw, specs, rerun=args.rerun, queued=queued, only=args.only)
+    apply_evolution(sweep, specs, plan)
+    apply_promotions(sweep, specs, plan)
+    sweep.write(raw, specs, replace=plan.changes_sweep)
+    for line in plan.describe():
+        print(line)
+    _report_skipped(plan, len(specs))
+    if not plan.indices:
         print(f"nothing to submit: all {len(specs)} run(s) of {sweep.root} are finished or queued "
-              "(--rerun failed|diverged|all to run some again)")
+              "(--rerun failed|diverged|pruned|all or --only I,J to run some again)")
         return 0
-    for index in selection.fresh:
-        moved = slurm.set_aside(sweep, specs[index])
+    for index in plan.fresh:
+        moved = set_aside(sweep, specs[index])
         print(f"run {index} ({specs[index].run_id}): starting again; previous results kept in {moved}")
-    print(f"sweep {cfg.name}: {len(selection.indices)} of {len(specs)} grid point(s) to run, "
+    print(f"sweep {cfg.name}: {len(plan.indices)} of {len(specs)} grid point(s) to run, "
           f"{cfg.slurm.nodes * cfg.slurm.tasks_per_node} task(s) each, executor {executor}")
     if executor == "slurm":
-        return _submit_slurm(cfg, sweep, specs, selection.indices, collect=not args.no_collect)
-    return _run_here(executor, cfg, sweep, specs, selection.indices, collect=not args.no_collect)
+        return _submit_slurm(cfg, sweep, specs, plan.indices, collect=not args.no_collect)
+    return _run_here(executor, cfg, sweep, specs, plan.indices, collect=not args.no_collect)
 
 
 def _check_executor(executor: str, cfg, sweep, elements: int, grid_size: int) -> None:
@@ -89,17 +116,16 @@ def _report_skipped(selection, total: int) -> None:
         print(f"skipping {len(indices)} run(s) {reason}: {_short(indices)}")
 
 
-def _short(indices: list[int]) -> str:
-    shown = ", ".join(map(str, indices[:20]))
-    return shown + (f", ... ({len(indices)} in all)" if len(indices) > 20 else "")
-
-
 def _dry_run(cfg, sweep, specs, selection, executor: str) -> int:
     from . import slurm
     from .sbatch import render_array_script
 
     print(f"# sweep {cfg.name} in {sweep.root}: {len(specs)} grid point(s); would run {len(selection.indices)} "
           f"with executor {executor}")
+    for line in selection.describe():
+        print(f"# would {line}")
+    for reason, indices in selection.skipped.items():
+        print(f"# would skip {len(indices)} run(s) {reason}: {_short(indices)}")
     chosen = set(selection.indices)  # a list lookup per point would make a large grid quadratic
     sys.stdout.write("".join(f"# {'run ' if spec.index in chosen else 'skip'} {spec.index:4d} {spec.run_id}  "
                              f"{json.dumps(spec.params, sort_keys=True)}\n" for spec in specs))
@@ -119,11 +145,10 @@ def _submit_slurm(cfg, sweep, specs, indices: list[int], *, collect: bool) -> in
     from . import slurm
 
     submission = slurm.submit_array(cfg, sweep, specs, indices)
-    print(f"submitted job array {submission.array_id} ({len(indices)} element(s), at most "
-          f"{min(cfg.slurm.array_parallelism, len(indices))} at once)")
+    print(slurm.describe_arrays(submission, cfg.slurm.array_parallelism))
     if collect:
-        submission.collector_id = slurm.submit_collector(cfg, sweep, submission.array_id)
-        print(f"collector job {submission.collector_id} runs `hpctrain collect` after the array ends")
+        submission.collector_id = slurm.submit_collector(cfg, sweep, submission.array_ids)
+        print(f"collector job {submission.collector_id} runs `hpctrain collect` after the array(s) end")
     slurm.record_submission(sweep, "slurm", specs, indices, submission)
     print(f"sweep folder: {sweep.root}")
     print(slurm.watch_hint(sweep, submission))
@@ -137,7 +162,7 @@ def _run_here(executor: str, cfg, sweep, specs, indices: list[int], *, collect: 
     print(f"sweep folder: {sweep.root}  (watch it: hpctrain status {sweep.root})")
     if executor == "debug":
         outcome = local.run_debug(sweep, indices)
-        failed = [i for i, status in outcome.items() if status not in ("done", "diverged")]
+        failed = [i for i, status in outcome.items() if exitcodes.for_status(status) != exitcodes.OK]
     else:
         codes = local.run_local(sweep, indices, tasks=cfg.slurm.nodes * cfg.slurm.tasks_per_node,
                                 parallelism=cfg.slurm.array_parallelism)

@@ -11,7 +11,8 @@ local executor — goes through :func:`run_element`:
 3. after a preemption *signal* (USR1/USR2: time limit near, or ``scancel --signal``), rank
    0 alone requeues its own array element (``ARRAY_TASK``, never the whole array), at most
    ``slurm.max_requeues`` times. SIGTERM checkpoints too but requeues nothing: Slurm
-   requeues a job it preempts itself, and a cancelled job should stay cancelled.
+   requeues a job it preempts itself, and a cancelled job should stay cancelled; the state
+   says so, and a later ``hpctrain submit`` resumes it.
 
 Nothing here looks at exit statuses: a dead or hung rank fails the run and is never requeued.
 """
@@ -61,9 +62,20 @@ def run_element(sweep: SweepDir, spec: RunSpec, *, max_requeues: int, log: Log =
                          job_id=element_id())
     finally:
         flag.uninstall()
-    if state.status == "preempted" and flag.signal_name in REQUEUE_SIGNALS and discover().rank == 0:
+    if state.status != "preempted" or discover().rank != 0:
+        return state
+    if flag.signal_name in REQUEUE_SIGNALS:
         requeue(sweep.recorder(spec), max_requeues, log)
+    elif flag.signal_name == "SIGTERM":
+        _note(sweep.recorder(spec), TERM_NOTE, log)
     return state
+
+
+# Where Slurm preempts with PreemptMode=CANCEL, or --requeue is refused, SIGTERM is all the
+# element gets: nobody requeues it, so the state has to say who resumes it.
+TERM_NOTE = ("preempted by SIGTERM (Slurm preemption, scancel or the time limit); checkpoint saved. "
+             "Slurm requeues it where it preempts with PreemptMode=REQUEUE; otherwise the next "
+             "`hpctrain submit` resumes it")
 
 
 def requeue(recorder: RunRecorder, max_requeues: int, log: Log = print,

@@ -1,7 +1,7 @@
 """sbatch scripts from one template: the grid's array, the shipped jobs/*.sbatch, the collector.
 
 An element script is the launch spec's ``#SBATCH`` lines, the setup lines, one
-``srun ... python -m hpctrain run CONFIG --index $SLURM_ARRAY_TASK_ID`` and the step's
+``srun ... python -m hpctrain run CONFIG --index OFFSET+$SLURM_ARRAY_TASK_ID`` and the step's
 epilogue (launch/step_end.py: a run whose ranks were killed is recorded failed). It holds no
 requeue logic: ``hpctrain run`` checkpoints on the preemption signal and requeues its own
 element (launch/element.py), so the script, the submitit path and the local executor
@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..config import NAME_PATTERN, Config, SlurmConfig
-from .spec import (Options, check_path, check_setup_line, check_word, sbatch_line, sbatch_options,
-                   setup_lines, srun_args)
+from .spec import (Options, check_path, check_setup_line, check_word, extra_options, sbatch_line,
+                   sbatch_options, setup_lines, srun_args)
 
-RUN_INDEX = '--index "${SLURM_ARRAY_TASK_ID:-0}"'
+# Array task ids stay below the cluster's MaxArraySize, so a larger grid is several arrays,
+# each starting at task 0: the grid index is the array's offset plus the task id.
+OFFSET_VARIABLE = "HPCTRAIN_INDEX_OFFSET"
+RUN_INDEX = f'--index "$((${{{OFFSET_VARIABLE}:-0}} + ${{SLURM_ARRAY_TASK_ID:-0}}))"'
 
 
 def array_spec(indices: Iterable[int], parallelism: int) -> str:
@@ -64,19 +67,22 @@ def _with_note(line: str, note: Optional[str]) -> str:
 
 
 def render_array_script(cfg: Config, *, sweep_dir: str | os.PathLike, config_path: str | os.PathLike,
-                        indices: Iterable[int], python: Optional[str] = None) -> str:
-    """The sbatch script of a sweep: element k trains grid point k of the sweep's sweep.yaml."""
+                        indices: Iterable[int], python: Optional[str] = None, offset: int = 0,
+                        part: str = "") -> str:
+    """The sbatch script of a sweep, or of one part of it: element k trains grid point
+    ``offset + k`` of the sweep's sweep.yaml."""
     sweep = check_path(Path(sweep_dir).absolute(), "the sweep folder")
     config = check_path(Path(config_path).absolute(), "the config path")
     indices = list(indices)
-    header = [f"Job array for sweep {cfg.name}: {len(indices)} grid point(s), written by `hpctrain sbatch`.",
+    header = [f"Job array for sweep {cfg.name}{part}: {len(indices)} grid point(s) from index {offset}, "
+              "written by `hpctrain sbatch`.",
               f"Submit with: sbatch THIS_FILE    Watch with: hpctrain status {shlex.quote(sweep)}",
               f"On {cfg.slurm.preempt_signal} (time limit near, or preemption) every rank stops at the same step,",
               "rank 0 saves the checkpoint and requeues this element (slurm.max_requeues times at most)."]
     variables = [f"PYTHON={shlex.quote(python or sys.executable)}", f"CONFIG={shlex.quote(config)}",
-                 f"SWEEP_DIR={shlex.quote(sweep)}"]
+                 f"SWEEP_DIR={shlex.quote(sweep)}", f"{OFFSET_VARIABLE}={int(offset)}"]
     return element_script(cfg.slurm, job_name=cfg.name, header=header,
-                          array=array_spec(indices, cfg.slurm.array_parallelism),
+                          array=array_spec([i - offset for i in indices], cfg.slurm.array_parallelism),
                           output=f"{sweep}/logs/%A_%a.out", variables=variables,
                           run_args=f'"$CONFIG" {RUN_INDEX} --sweep-dir "$SWEEP_DIR"')
 
@@ -85,9 +91,12 @@ def render_array_script(cfg: Config, *, sweep_dir: str | os.PathLike, config_pat
 JOB_USAGE = [
     "",
     "Usage: sbatch [--array=0-(N-1)%P] THIS_FILE CONFIG [KEY=VALUE ...]",
-    "Each array element trains grid point $SLURM_ARRAY_TASK_ID of CONFIG on all its tasks",
-    "(srun --mpi=pmix: one MPI world per element). The sweep folder is sweeps/<name> under",
-    "the folder you submit from; watch it with: hpctrain status sweeps/<name>",
+    f"Each array element trains grid point ${OFFSET_VARIABLE} + $SLURM_ARRAY_TASK_ID (offset 0 unless",
+    "set) of CONFIG on all its tasks (srun --mpi=pmix: one MPI world per element). Task ids stay",
+    "below the cluster's MaxArraySize: submit a larger grid as several arrays with an offset, e.g.",
+    f"sbatch --array=0-999 --export=ALL,{OFFSET_VARIABLE}=1000 THIS_FILE CONFIG  (points 1000-1999).",
+    "The sweep folder is sweeps/<name> under the folder you submit from; watch it with:",
+    "hpctrain status sweeps/<name>",
     "The element checkpoints on the preemption signal and requeues itself (slurm.max_requeues",
     "of CONFIG); hpctrain run's exit status: 0 done/diverged, 1 failed, 2 bad config,",
     "69 a rank died or hung, 75 preempted and not requeued.",
@@ -121,8 +130,9 @@ def render_collector_script(cfg: Config, *, sweep_dir: str | os.PathLike, python
              sbatch_line("ntasks", "1"),
              sbatch_line("time", "30"),
              sbatch_line("output", f"{sweep}/logs/collect_%j.out")]
+    extra = dict(extra_options(s))  # where a site needs an account or qos, the collector does too
     for key in ("partition", "account", "qos"):
-        value = check_word(getattr(s, key), f"slurm.{key}")
+        value = check_word(getattr(s, key), f"slurm.{key}") or extra.get(key)
         if value is not None:
             lines.append(sbatch_line(key, value))
     lines += ["", "# setup"] + [check_setup_line(line) for line in s.setup]

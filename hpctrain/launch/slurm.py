@@ -1,7 +1,9 @@
-"""Slurm through submitit: one job array per submission, the collector job, queue queries.
+"""Slurm through submitit: the job arrays of a submission, the collector job, queue queries.
 
 One array element per grid point to (re)run; each element is ``nodes x tasks_per_node``
-tasks under ``srun --mpi=pmix`` and runs :class:`hpctrain.launch.worker.Worker`.
+tasks under ``srun --mpi=pmix`` and runs :class:`hpctrain.launch.worker.Worker`. A sweep
+larger than the cluster's MaxArraySize becomes several arrays (launch/limits.py), with one
+collector job after all of them.
 """
 from __future__ import annotations
 
@@ -12,20 +14,19 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ..config import Config
 from ..errors import HpctrainError
 from ..fsutil import atomic_write_text
-from ..runstate import FINAL_STATUSES, read_state
+from ..runstate import RunRecorder
 from ..sweep import RunSpec, SweepDir
+from . import limits
 from .sbatch import render_collector_script
 from .spec import check_path, sbatch_options, setup_lines, srun_args, submitit_parameters
 
 Log = Callable[[str], None]
-RERUN_CHOICES = ("none", "failed", "diverged", "all")
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -57,26 +58,12 @@ def resolve_executor(name: str) -> str:
     return name
 
 
-def max_array_size(timeout: float = 30) -> Optional[int]:
-    """The cluster's MaxArraySize (array indices must stay below it); None when none answers."""
-    result = run_cmd(["scontrol", "show", "config"], timeout)
-    if result.returncode != 0:
-        return None
-    match = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", result.stdout, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def check_array_limit(elements: int, grid_size: int) -> None:
-    """Refuse an array with indices 0..elements-1 that the cluster would reject (``Invalid job
-    array specification``), before anything is written. Splitting the grid is the user's call."""
-    limit = max_array_size()
-    if limit is None or elements <= limit:
-        return
-    raise HpctrainError(
-        f"the sweep has {grid_size} grid point(s); a job array of {elements} element(s) (indices 0..{elements - 1}) "
-        f"is more than this cluster takes: its MaxArraySize is {limit} (indices must stay below it; "
-        "`scontrol show config`). Expected at most that many points: sweep fewer values, or fix a swept key "
-        "with KEY=VALUE and submit the rest as another sweep")
+def check_array_limit(elements: int, grid_size: int) -> limits.Limits:
+    """The cluster's limits, read once; refuses (before anything is written) what no split of
+    the sweep into several arrays makes acceptable."""
+    found = limits.cluster_limits()
+    limits.check_limits(elements, grid_size, found)
+    return found
 
 
 _RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
@@ -101,95 +88,31 @@ def queued_job_ids(timeout: float = 30) -> Optional[set[str]]:
     return ids
 
 
-def slurm_states(job_ids: Iterable[str], timeout: float = 30) -> dict[str, str]:
-    """Slurm's state of each job id (``squeue``, then ``sacct`` for ended jobs); missing when unknown."""
-    wanted = {j for j in job_ids if j}
-    if not wanted or shutil.which("squeue") is None:
-        return {}
-    states: dict[str, str] = {}
-    result = run_cmd(["squeue", "-h", "-r", "-o", "%i|%T"], timeout)
-    if result.returncode == 0:
-        for line in result.stdout.splitlines():
-            jid, _, state = line.partition("|")
-            if jid in wanted:
-                states[jid] = state
-    missing = wanted - set(states)
-    if missing and shutil.which("sacct"):
-        arrays = sorted({j.split("_")[0] for j in missing})
-        result = run_cmd(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(arrays)], timeout)
-        if result.returncode == 0:
-            for line in result.stdout.splitlines():
-                jid, _, state = line.partition("|")
-                if jid in missing:
-                    states[jid] = state.split()[0] if state else state
-    return states
+def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
+    """Slurm's state of each job id (one squeue, then one sacct where accounting is on)."""
+    from .queue import query
+
+    return {jid: job.state for jid, job in query(job_ids).jobs.items()}
 
 
 # --------------------------------------------------------------------------- what to submit
 
 
-@dataclass
-class Selection:
-    """The grid points one submission runs, and why the others are skipped."""
-    indices: list[int] = field(default_factory=list)
-    skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> indices
-    fresh: list[int] = field(default_factory=list)  # re-run from scratch (old folder kept aside)
-
-
-def select_runs(sweep: SweepDir, specs: list[RunSpec], rerun: str = "none",
-                queued: Optional[set[str]] = None) -> Selection:
-    """Grid points not ``done`` (nor failed/diverged unless ``rerun``), not queued already.
-
-    ``rerun failed`` resumes failed runs from their checkpoints (a node or a job died);
-    ``rerun diverged`` and ``rerun all`` start those runs again from scratch.
-    """
-    if rerun not in RERUN_CHOICES:
-        raise HpctrainError(f"--rerun {rerun!r}: expected one of {', '.join(RERUN_CHOICES)}")
-    sel = Selection()
-    on_disk = sweep.run_ids_on_disk()  # a run without a folder is pending: no file to look for
-    for spec in specs:
-        state = read_state(sweep.run_dir(spec.run_id)) if spec.run_id in on_disk else None
-        status = state.status if state else "pending"
-        job = state.slurm_job_id if state else None
-        if queued is not None and job and job in queued and status in ("pending", "running", "preempted"):
-            sel.skipped.setdefault(f"queued or running as job {job}", []).append(spec.index)
-            continue
-        if status in FINAL_STATUSES:
-            wanted = rerun == "all" or rerun == status
-            if not wanted:
-                sel.skipped.setdefault(status, []).append(spec.index)
-                continue
-            if status != "failed":
-                sel.fresh.append(spec.index)
-        sel.indices.append(spec.index)
-    return sel
-
-
-def set_aside(sweep: SweepDir, spec: RunSpec) -> Path:
-    """Move a run's folder to ``replaced/`` so its re-run starts from scratch; nothing is deleted."""
-    src = sweep.run_dir(spec.run_id)
-    dest = sweep.root / "replaced" / f"{spec.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if src.exists():
-        src.rename(dest)
-    sweep.prepare_run(spec)
-    return dest
-
-
 # --------------------------------------------------------------------------- submitit
 
 
-def check_submission(cfg: Config, sweep: SweepDir, elements: int, grid_size: int) -> None:
+def check_submission(cfg: Config, sweep: SweepDir, elements: int, grid_size: int) -> limits.Limits:
     """What a submission would find too late: every value that reaches the array's script or
-    the collector's (the launch spec, the sweep folder's path), and the cluster's array limit."""
+    the collector's (the launch spec, the sweep folder's path), and the cluster's limits."""
     sbatch_options(cfg.slurm, cfg.name)
     srun_args(cfg.slurm)
     check_path(sweep.root.absolute(), "the sweep folder")
-    check_array_limit(elements, grid_size)
+    return check_array_limit(elements, grid_size)
 
 
-def executor_for(cfg: Config, sweep: SweepDir):
-    """A submitit SlurmExecutor whose script carries the launch spec's sbatch options."""
+def executor_for(cfg: Config, sweep: SweepDir, hold: bool = False):
+    """A submitit SlurmExecutor whose script carries the launch spec's sbatch options (and
+    ``--hold`` when asked)."""
     import submitit
 
     s = cfg.slurm
@@ -203,57 +126,98 @@ def executor_for(cfg: Config, sweep: SweepDir):
                                srun_args=srun_args(s),
                                teardown=[f"{shlex.quote(sys.executable)} -m hpctrain.launch.step_end $? "
                                          f"{config} --sweep-dir {folder}"],
-                               additional_parameters=submitit_parameters(sbatch_options(s, cfg.name)))
+                               additional_parameters=submitit_parameters(sbatch_options(s, cfg.name)
+                                                                         + ([("hold", None)] if hold else [])))
     return executor
 
 
 def array_script(cfg: Config, sweep: SweepDir, count: int) -> str:
-    """The sbatch script submitit writes for an array of ``count`` elements (for --dry-run)."""
+    """The sbatch script submitit writes for the first array of ``count`` elements (for --dry-run)."""
     executor = executor_for(cfg, sweep)
-    executor.parameters["map_count"] = count
+    first = limits.split(range(count), limits.cluster_limits().max_array_size)[0]
+    executor.parameters["map_count"] = len(first.tasks)
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
 @dataclass
 class Submission:
-    array_id: str
+    array_ids: list[str]  # one per chunk of the sweep (one unless it passes MaxArraySize)
     element_ids: dict[int, str]  # grid index -> Slurm id of its element (ARRAY_k)
     collector_id: Optional[str] = None
 
+    @property
+    def array_id(self) -> str:
+        return self.array_ids[0]
+
 
 def submit_array(cfg: Config, sweep: SweepDir, specs: list[RunSpec], indices: list[int]) -> Submission:
-    """One job array, element k running grid point indices[k]; pending states record its id."""
+    """One job array per chunk of ``indices`` (task ids below the cluster's MaxArraySize, as
+    ``check_submission`` read it); pending states record each element's id."""
+    max_array_size = limits.cluster_limits().max_array_size
+    # Each array is submitted held and released once every element's pending state names its
+    # job: no element can start (and write its own state) before that one write per run.
+    executor = executor_for(cfg, sweep, hold=True)
+    on_disk = sweep.run_ids_on_disk()
+    submission = Submission([], {})
+    for chunk in limits.split(indices, max_array_size):
+        array_id, element_ids = _submit_chunk(executor, sweep, cfg.slurm.max_requeues, chunk.indices)
+        submission.array_ids.append(array_id)
+        submission.element_ids.update(element_ids)
+        try:
+            for index, job_id in element_ids.items():
+                spec = specs[index]
+                train = _train(cfg, spec)
+                RunRecorder(sweep.run_dir(spec.run_id), index=spec.index, run_id=spec.run_id, params=spec.params,
+                            durable=False).queued(job_id, total_epochs=train.epochs, monitor=train.monitor,
+                                                  exists=spec.run_id in on_disk)
+        finally:
+            _release(array_id)
+    return submission
+
+
+def _train(cfg: Config, spec: RunSpec):
+    """The point's train section; the base config's unless the grid sweeps train keys (building
+    each point's config would cost more than the rest of the submission)."""
+    return spec.config.train if any(k.startswith("train") for k in spec.params) else cfg.train
+
+
+def _release(job_id: str) -> None:
+    result = run_cmd(["scontrol", "release", job_id], 60)
+    if result.returncode != 0:
+        raise HpctrainError(f"scontrol release {job_id}: {result.stderr.strip()}; the array waits held until "
+                            f"you run `scontrol release {job_id}` (or `scancel {job_id}`)")
+
+
+def _submit_chunk(executor, sweep: SweepDir, max_requeues: int, indices: list[int]) -> tuple[str, dict[int, str]]:
+    """One array; its pickled calls carry the grid index, so element k runs indices[k]."""
     from .worker import Worker
 
-    for index in indices:
-        # Made before the job exists, so that a pending state can never replace the state of
-        # an element that already started.
-        sweep.prepare_run(specs[index])
-    executor = executor_for(cfg, sweep)
-    worker = Worker(str(sweep.root.absolute()), cfg.slurm.max_requeues)
+    worker = Worker(str(sweep.root.absolute()), max_requeues)
     with executor.batch():
         jobs = [executor.submit(worker, index) for index in indices]
     if len(jobs) == 1:  # submitit submits a lone job as a plain job, not an array
-        element_ids = {indices[0]: jobs[0].job_id}
-        array_id = jobs[0].job_id
-    else:
-        element_ids = {index: job.job_id for index, job in zip(indices, jobs)}
-        array_id = jobs[0].job_id.split("_")[0]
-    for index, job_id in element_ids.items():
-        _record_job(sweep, specs[index], job_id)
-    return Submission(array_id, element_ids)
+        return jobs[0].job_id, {indices[0]: jobs[0].job_id}
+    return jobs[0].job_id.split("_")[0], {index: job.job_id for index, job in zip(indices, jobs)}
 
 
-def _record_job(sweep: SweepDir, spec: RunSpec, job_id: str) -> None:
-    sweep.recorder(spec).stamp_job(job_id)
+def describe_arrays(submission: Submission, parallelism: int) -> str:
+    """What was submitted, in the words the user reads after ``hpctrain submit``."""
+    count = len(submission.element_ids)
+    arrays = submission.array_ids
+    if len(arrays) == 1:
+        return f"submitted job array {arrays[0]} ({count} element(s), at most {min(parallelism, count)} at once)"
+    return (f"submitted job arrays {', '.join(arrays)} ({count} element(s) in {len(arrays)} arrays: more than "
+            f"this cluster's MaxArraySize of {limits.cluster_limits().max_array_size} each; "
+            f"at most {parallelism} at once per array)")
 
 
-def submit_collector(cfg: Config, sweep: SweepDir, after: str) -> str:
-    """``hpctrain collect`` once the array has ended, whatever the elements' outcome."""
+def submit_collector(cfg: Config, sweep: SweepDir, after: str | list[str]) -> str:
+    """``hpctrain collect`` once every array has ended, whatever the elements' outcome."""
+    arrays = [after] if isinstance(after, str) else list(after)
     script = sweep.root / "slurm" / "collect.sbatch"
     atomic_write_text(script, render_collector_script(cfg, sweep_dir=sweep.root))
     (sweep.root / "logs").mkdir(parents=True, exist_ok=True)  # Slurm does not create --output folders
-    result = run_cmd(["sbatch", "--parsable", f"--dependency=afterany:{after}", str(script)], 60)
+    result = run_cmd(["sbatch", "--parsable", f"--dependency=afterany:{':'.join(arrays)}", str(script)], 60)
     if result.returncode != 0:
         raise HpctrainError(f"sbatch {script}: the collector job was not submitted: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
@@ -265,7 +229,8 @@ def record_submission(sweep: SweepDir, executor: str, specs: list[RunSpec], indi
     entry = {"time": time.time(), "executor": executor, "indices": indices,
              "run_ids": [specs[i].run_id for i in indices]}
     if submission is not None:
-        entry.update(array_id=submission.array_id, collector_id=submission.collector_id,
+        entry.update(array_id=submission.array_id, array_ids=submission.array_ids,
+                     collector_id=submission.collector_id,
                      element_ids={str(k): v for k, v in submission.element_ids.items()})
     path = sweep.root / "submissions.jsonl"
     old = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -274,5 +239,9 @@ def record_submission(sweep: SweepDir, executor: str, specs: list[RunSpec], indi
 
 def watch_hint(sweep: SweepDir, submission: Submission) -> str:
     root = sweep.root
-    return (f"watch it: hpctrain status {root}   (squeue -j {submission.array_id}; "
+    hint = (f"watch it: hpctrain status {root}   (squeue -j {','.join(submission.array_ids)}; "
             f"logs in {root / 'slurm'})")
+    if limits.accounting_on() is False:
+        hint += ("\naccounting is off on this cluster (no sacct): status shows Slurm's state while a job is "
+                 "queued or recently ended, then the runs' own state")
+    return hint

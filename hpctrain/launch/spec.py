@@ -22,6 +22,18 @@ SAFE_PATH = r"^[A-Za-z0-9_./+=,@%:~-]+$"
 
 Options = list[tuple[str, Optional[str]]]  # (option, value); None for a flag such as --requeue
 
+# slurm.sbatch_extra: any sbatch long option by name, with a value of plain characters (no
+# spaces, quotes or shell metacharacters: submitit writes it into a shell script).
+EXTRA_KEY = r"^[a-z][a-z0-9-]*$"
+EXTRA_VALUE = r"^[A-Za-z0-9_.,:+@%=/-]+$"
+# Options hpctrain sets from its own keys, or that would break the array's plumbing.
+OWNED_OPTIONS = {"job-name": "name", "nodes": "slurm.nodes", "ntasks-per-node": "slurm.tasks_per_node",
+                 "ntasks": "slurm.nodes and slurm.tasks_per_node", "cpus-per-task": "slurm.cpus_per_task",
+                 "time": "slurm.time_min", "mem": "slurm.mem_gb", "gpus-per-node": "slurm.gpus_per_node",
+                 "signal": "slurm.preempt_signal and slurm.signal_delay_s", "requeue": None, "no-requeue": None,
+                 "array": None, "output": None, "error": None, "open-mode": None, "wrap": None,
+                 "dependency": None, "parsable": None, "chdir": None, "export": None, "wait": None}
+
 
 # --------------------------------------------------------------------------- checks
 
@@ -64,6 +76,40 @@ def validate_slurm(cfg: SlurmConfig) -> None:
         if not isinstance(arg, str) or CONTROL_CHARS.search(arg):
             raise ConfigError(f"slurm.srun_args[{i}]: {arg!r}: expected one srun option per item, "
                               "without newlines or control characters")
+    extra_options(cfg)
+
+
+def extra_options(cfg: SlurmConfig) -> Options:
+    """slurm.sbatch_extra as options: ``true`` is a bare flag, ``false`` leaves the option out."""
+    extra = cfg.sbatch_extra
+    if not isinstance(extra, dict):
+        raise ConfigError(f"slurm.sbatch_extra: expected a mapping of sbatch options, got {extra!r}")
+    opts: Options = []
+    for key, value in extra.items():
+        opts += _extra_option(cfg, key, value)
+    return opts
+
+
+def _extra_option(cfg: SlurmConfig, key, value) -> Options:
+    where = f"slurm.sbatch_extra: {key!r}"
+    if not isinstance(key, str) or not full_match(EXTRA_KEY, key):
+        raise ConfigError(f"{where}: not an sbatch option name; expected a long option without dashes, "
+                          f"matching {EXTRA_KEY} (e.g. mail-type)")
+    if key in OWNED_OPTIONS:
+        instead = OWNED_OPTIONS[key]
+        raise ConfigError(f"{where}: hpctrain sets --{key} itself" + (f"; use {instead}" if instead else ""))
+    if key in ("partition", "account", "qos", "constraint") and getattr(cfg, key) is not None:
+        raise ConfigError(f"{where}: also given as slurm.{key} ({getattr(cfg, key)!r}); keep one")
+    if value is True:
+        return [(key, None)]
+    if value is False:
+        return []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not full_match(EXTRA_VALUE, value):
+        raise ConfigError(f"{where}: value {value!r} is not allowed; expected true, false, a number or text "
+                          f"matching {EXTRA_VALUE} (no spaces, quotes, newlines or shell characters)")
+    return [(key, value)]
 
 
 # --------------------------------------------------------------------------- the spec
@@ -76,7 +122,8 @@ def mem_option(mem_gb: Optional[float]) -> Optional[str]:
 
 
 def sbatch_options(cfg: SlurmConfig, job_name: str) -> Options:
-    """The sbatch options of one array element: name, resources, preemption signal, requeue.
+    """The sbatch options of one array element: name, resources, slurm.sbatch_extra, preemption
+    signal, requeue.
 
     ``--signal=SIG@delay`` (no ``B:``) signals every task of the job step, where the ranks
     run; ``--requeue`` lets Slurm requeue the element after preemption or a node failure.
@@ -93,6 +140,7 @@ def sbatch_options(cfg: SlurmConfig, job_name: str) -> Options:
         value = getattr(cfg, key)
         if value is not None:
             opts.append((key, value))
+    opts += extra_options(cfg)
     opts += [("signal", f"{cfg.preempt_signal}@{cfg.signal_delay_s}"), ("requeue", None)]
     return opts
 

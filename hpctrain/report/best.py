@@ -58,11 +58,19 @@ def pick_checkpoint(ranked: list[RunRecord], problems: list[str]) -> tuple[Optio
 
 
 def best_record(run: RunRecord, metric: str, mode: str, sweep_root: Path) -> dict:
+    """best.json: the run ranked first by ``metric``, and what its best.pt holds.
+
+    best.pt holds the weights of the epoch best by the run's own train.monitor
+    (``checkpoint_epoch``); ``best_epoch`` is the epoch best by ``metric``. They are the same
+    epoch when the ranking metric is the monitor, which is what collect uses by default.
+    """
     s = run.state
     return {"run_id": run.run_id, "index": run.index, "params": run.params, "state": run.status,
             "metric": metric, "mode": mode, "value": run.best_value, "best_epoch": run.best_epoch,
             "checkpoint": CHECKPOINT, "config": CONFIG,
             "checkpoint_monitor": s.monitor if s is not None else None,
+            "checkpoint_epoch": s.best_epoch if s is not None else None,
+            "world_size": s.world_size if s is not None else None,
             "source": str(run.run_dir.relative_to(sweep_root)) if run.run_dir.is_relative_to(sweep_root)
             else str(run.run_dir)}
 
@@ -78,6 +86,10 @@ def export_best(ranked: list[RunRecord], out_dir: str | Path, metric: str, mode:
         return None
     out_dir = Path(out_dir)
     record = best_record(run, metric, mode, sweep_root)
+    if record["checkpoint_monitor"] not in (None, metric) and record["checkpoint_epoch"] != record["best_epoch"]:
+        problems.append(f"{out_dir / CHECKPOINT}: holds epoch {record['checkpoint_epoch']} of {run.run_id}, "
+                        f"best by its train.monitor {record['checkpoint_monitor']}, not epoch "
+                        f"{record['best_epoch']}, best by {metric}")
     config = _read(run.run_dir / CONFIG)
     if config is None:
         problems.append(f"{run.run_dir / CONFIG}: missing; best/ has the checkpoint only "

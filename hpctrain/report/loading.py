@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import build_config
 from ..errors import HpctrainError
-from ..model import MLP, output_size
+from ..model import build_model
 
 
 class StandardizedModel(nn.Module):
@@ -23,13 +23,13 @@ class StandardizedModel(nn.Module):
     ``predict_proba`` and ``predict`` turn logits into probabilities and labels.
     """
 
-    def __init__(self, model: MLP, task: str, mean: Any, std: Any, standardize: bool = True,
+    def __init__(self, model: nn.Module, task: str, mean: Any, std: Any, standardize: bool = True,
                  info: Optional[dict] = None):
         super().__init__()
         self.model = model
         self.task = task
         self.standardize = bool(standardize)
-        n = model.body[0].in_features if len(model.body) else model.head.in_features
+        n = len(mean) if mean is not None else len(std) if std is not None else 0
         mean64 = np.zeros(n) if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
         std64 = np.ones(n) if std is None else np.asarray(std, dtype=np.float64).reshape(-1)
         # The loader's arithmetic exactly (data/shards.standardization, data/loader.py):
@@ -43,6 +43,7 @@ class StandardizedModel(nn.Module):
 
     def forward(self, x: Any) -> torch.Tensor:
         x = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device)
+        x = x.reshape(x.shape[0], -1)  # rows in any shape (images too): flat as the shards hold them
         if self.standardize:
             x = torch.addcmul(self.shift, x, self.factor)
         return self.model(x)
@@ -83,9 +84,9 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     meta = ckpt["model_meta"]
     try:
         task = meta["task"]
-        n_out = output_size(task, int(meta.get("n_classes") or 2), int(meta.get("n_targets") or 1))
-        mlp = MLP(int(meta["n_features"]), n_out, cfg.model, task)  # weights come from the checkpoint
-        mlp.load_state_dict(ckpt["model"])
+        mlp = build_model(cfg.model, task, int(meta["n_features"]), int(meta.get("n_classes") or 2),
+                          int(meta.get("n_targets") or 1), feature_shape=meta.get("feature_shape"))
+        mlp.load_state_dict(ckpt["model"])  # weights come from the checkpoint
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise HpctrainError(f"{path}: model_meta/model do not fit the config ({str(e).splitlines()[0][:200]})") from None
     model = StandardizedModel(mlp, task, meta.get("mean"), meta.get("std"),

@@ -1,6 +1,7 @@
-"""Figures of a sweep: curves of every run by epoch, and the best metric over the grid.
+"""Figures of a sweep: curves of every run by epoch, and the monitored metric over the grid.
 
-Figures are built with matplotlib's object API (no pyplot state) by functions that return
+Legends sit outside the axes, to the right, so they never hide a curve or a point; epoch
+axes carry integer ticks only. Figures are built with matplotlib's object API (no pyplot state) by functions that return
 the Figure, so tests can inspect the artists; ``save_png`` renders them with the Agg
 backend without the Software/date metadata, so an unchanged sweep gives identical PNGs.
 
@@ -8,6 +9,10 @@ In a curves figure, the runs that are not highlighted are drawn as one LineColle
 style (a thousand runs render in a fraction of a second); the best K runs are separate,
 labelled lines on top. Each artist's gid says what it is: ``train``/``val`` for a
 collection (one segment per run), ``train:<run_id>``/``val:<run_id>`` for a line.
+
+Over the grid, a strip plot per swept key shows every run as a point above its value of
+the key (no line joins the values: they are separate settings, often categories); a
+heatmap adds the best value of each pair when exactly two keys are swept.
 """
 from __future__ import annotations
 
@@ -62,7 +67,9 @@ def curves_figure(runs: list[RunRecord], name: str = "loss", highlight: list[Run
     from matplotlib import colormaps
     from matplotlib.collections import LineCollection
 
-    fig = _figure((10, 6))
+    labels = {r.run_id: _highlight_label(rank, r, metric_label) for rank, r in enumerate(highlight)}
+    legend_in = _legend_width(list(labels.values()) + [f"best {len(highlight)}"]) if highlight else 0.0
+    fig = _figure((10 + legend_in, 6))
     ax = fig.add_subplot()
     cmap = colormaps["viridis"]
     top = {r.run_id: rank for rank, r in enumerate(highlight)}
@@ -86,22 +93,47 @@ def curves_figure(runs: list[RunRecord], name: str = "loss", highlight: list[Run
             pts = _points(run, f"{split}_{name}")
             if pts is None:
                 continue
-            label = f"#{rank + 1} {run.run_id}" + (f" ({metric_label}={run.best_value:.4g})"
-                                                     if split == "val" and metric_label else "")
             line, = ax.plot(pts[:, 0], pts[:, 1], style, color=palette(rank % 10), linewidth=2.0,
-                            label=label if split == "val" else None, zorder=3)
+                            label=labels[run.run_id] if split == "val" else None, zorder=3)
             line.set_gid(f"{split}:{run.run_id}")
     ax.autoscale_view()
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel(name)
     ax.set_title(f"{name} by epoch, {len(runs)} runs (train dashed, val solid)")
     ax.grid(True, alpha=0.3)
     if highlight:
-        ax.legend(loc="upper right", fontsize="small", title=f"best {len(highlight)}")
-    _margins(fig, left_in=0.8, bottom_in=0.6)
+        _outside_legend(ax, title=f"best {len(highlight)}")
+    _margins(fig, left_in=0.8, bottom_in=0.6, right_in=0.25 + legend_in)
     return fig
+
+
+def _highlight_label(rank: int, run: RunRecord, metric_label: str) -> str:
+    value = f" ({metric_label}={run.best_value:.4g})" if metric_label and run.best_value is not None else ""
+    return f"#{rank + 1} {run.run_id}{value}"
+
+
+# Inches per character of a "small" legend entry, and the legend's handle, padding and gap.
+_CHAR_IN, _LEGEND_PAD_IN = 0.068, 0.7
+
+
+def _legend_width(labels: list[str]) -> float:
+    """Room to keep right of the axes for a legend of these labels, in inches."""
+    return _LEGEND_PAD_IN + _CHAR_IN * max((len(t) for t in labels), default=0)
+
+
+def _outside_legend(ax, title: str = None):
+    """A legend right of the axes, top aligned: it can never cover what the axes show."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small",
+                     title=title, title_fontsize="small")
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def run_lines(fig, split: str) -> list[str]:
@@ -164,37 +196,143 @@ def best_by(runs: list[RunRecord], keys: list[str], mode: str) -> dict[tuple, fl
 
 
 def _log_axis(key: str, values: list[Any]) -> bool:
+    """Log x for positive numbers that are lr-like by name, span 100x or more, or are spaced
+    evenly in log rather than linearly (32, 64, 128, 256)."""
     if not values or not all(_is_number(v) and v > 0 for v in values):
         return False
-    return key.split(".")[-1] in LOG_KEYS or max(values) / min(values) >= 100
+    if key.split(".")[-1] in LOG_KEYS or max(values) / min(values) >= 100:
+        return True
+    return len(values) >= 3 and _spread_ratio(np.log(values)) < _spread_ratio(np.asarray(values, float))
 
 
-def grid_line_figure(runs: list[RunRecord], key: str, metric: str, mode: str):
-    """Best ``metric`` against the values of one grid key (best over any other keys)."""
+def _spread_ratio(points: np.ndarray) -> float:
+    """How uneven the gaps between sorted points are: max gap / min gap."""
+    gaps = np.diff(np.sort(points))
+    return float(gaps.max() / gaps.min()) if gaps.min() > 0 else math.inf
+
+
+# How runs are drawn by state: finished, still partial, or stopped early (failed, diverged,
+# pruned): a stopped run's value is the best it reached before it stopped.
+STATE_GROUPS = (
+    ("finished", ("done",), dict(marker="o", facecolors="tab:blue", edgecolors="tab:blue")),
+    ("partial", ("running", "preempted", "unknown"), dict(marker="o", facecolors="none", edgecolors="tab:blue")),
+    ("stopped early", None, dict(marker="X", facecolors="tab:red", edgecolors="tab:red")),
+)
+
+
+def _state_group(status: str) -> str:
+    for name, states, _ in STATE_GROUPS:
+        if states is None or status in states:
+            return name
+    return STATE_GROUPS[-1][0]
+
+
+class _XAxis:
+    """Where each value of a grid key sits on the x axis: its index for categories, else
+    the value itself (in log10 units on a log axis), with the half-width of a strip."""
+
+    def __init__(self, key: str, values: list[Any]):
+        self.numeric = all(_is_number(v) for v in values)
+        self.log = self.numeric and _log_axis(key, values)
+        if not self.numeric:
+            centres = np.arange(len(values), dtype=float)
+        else:
+            centres = np.log10(np.asarray(values, float)) if self.log else np.asarray(values, float)
+        self.centres = {value_key(v): float(c) for v, c in zip(values, centres)}
+        gaps = np.diff(np.sort(centres))
+        self.half_width = 0.3 * (float(gaps.min()) if len(gaps) else 1.0)
+
+    def to_data(self, position: float) -> float:
+        return 10.0 ** position if self.log else position
+
+
+def _spread(n: int, half_width: float) -> np.ndarray:
+    """Offsets of n points across a strip, evenly spaced (reproducible, unlike random jitter)."""
+    if n == 1:
+        return np.zeros(1)
+    return np.linspace(-half_width, half_width, n) * min(1.0, n / 8)
+
+
+def strip_figure(runs: list[RunRecord], key: str, metric: str, mode: str):
+    """Every run's best ``metric`` as a point above its value of ``key``, spread across a strip;
+    a bar marks the best run of each value and a star the best of all. Values are categories
+    (evenly spaced, labelled) unless numeric; numbers go on a log axis when log-spaced."""
     values = grid_values(runs, key)
-    best = best_by(runs, [key], mode)
-    y = [best.get((value_key(v),), math.nan) for v in values]
-    fig = _figure((7, 4.5))
+    axis = _XAxis(key, values)
+    by_value: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        if run.best_value is not None and math.isfinite(run.best_value) and key in run.params:
+            by_value.setdefault(value_key(run.params[key]), []).append(run)
+    fig = _figure((7.5 + _legend_width(["stopped early", "best of each value"]), 4.5))
     ax = fig.add_subplot()
-    numeric = all(_is_number(v) for v in values)
-    x = values if numeric else list(range(len(values)))
-    line, = ax.plot(x, y, "o-")
-    line.set_gid(f"best:{key}")
-    if not numeric:
-        ax.set_xticks(x, [value_label(v) for v in values], rotation=30 if len(values) > 6 else 0)
-    if _log_axis(key, values):
-        ax.set_xscale("log")
-    finite = [(xi, yi) for xi, yi in zip(x, y) if math.isfinite(yi)]
-    if finite:
-        bx, by = (min if mode == "min" else max)(finite, key=lambda p: p[1])
-        ax.plot([bx], [by], "*", markersize=14, color="tab:red", gid="best-point")
-    ax.set_xlabel(key)
-    ax.set_ylabel(f"best {metric}")
-    ax.set_title(f"best {metric} against {key}")
-    ax.grid(True, alpha=0.3)
-    labels = [] if numeric else [value_label(v) for v in values]
-    _margins(fig, left_in=0.9, bottom_in=0.7 + (0.07 * max(map(len, labels)) if labels and len(values) > 6 else 0.0))
+    where = _draw_points(ax, axis, by_value)
+    _draw_best_bars(ax, axis, by_value, mode)
+    _draw_best_star(ax, where, by_value, mode)
+    _label_strip_axes(ax, axis, key, values)
+    shown = sum(len(group) for group in by_value.values())
+    ax.set_ylabel(f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better)")
+    ax.set_title(f"{metric} by {key}: {shown} of {len(runs)} runs have a value")
+    ax.grid(True, axis="y", alpha=0.3)
+    _outside_legend(ax)
+    longest = max((len(value_label(v)) for v in values), default=0) if not axis.numeric else 0
+    _margins(fig, left_in=0.9, bottom_in=0.7 + (0.07 * longest if len(values) > 6 else 0.0),
+             right_in=0.25 + _legend_width(["stopped early", "best of each value"]))
     return fig
+
+
+def _draw_points(ax, axis: _XAxis, by_value: dict[str, list[RunRecord]]) -> dict[str, float]:
+    """One scatter per state group; returns each run's x."""
+    where: dict[str, float] = {}
+    xs: dict[str, list[float]] = {name: [] for name, _, _ in STATE_GROUPS}
+    ys: dict[str, list[float]] = {name: [] for name, _, _ in STATE_GROUPS}
+    for at, group in by_value.items():
+        for offset, run in zip(_spread(len(group), axis.half_width), group):
+            name = _state_group(run.status)
+            where[run.run_id] = axis.to_data(axis.centres[at] + offset)
+            xs[name].append(where[run.run_id])
+            ys[name].append(run.best_value)
+    for name, _, style in STATE_GROUPS:
+        if xs[name]:
+            ax.scatter(xs[name], ys[name], s=28, linewidths=1.2, zorder=3, label=name, gid=f"runs:{name}", **style)
+    return where
+
+
+def _draw_best_bars(ax, axis: _XAxis, by_value: dict[str, list[RunRecord]], mode: str) -> None:
+    from matplotlib.collections import LineCollection
+
+    pick = min if mode == "min" else max
+    bars = []
+    for at, group in by_value.items():
+        y = pick(r.best_value for r in group)
+        c = axis.centres[at]
+        bars.append([(axis.to_data(c - axis.half_width * 1.2), y), (axis.to_data(c + axis.half_width * 1.2), y)])
+    if bars:
+        coll = LineCollection(bars, colors="0.35", linewidths=1.5, zorder=2, label="best of each value")
+        coll.set_gid("best-per-value")
+        ax.add_collection(coll)
+
+
+def _draw_best_star(ax, where: dict[str, float], by_value: dict[str, list[RunRecord]], mode: str) -> None:
+    everyone = [r for group in by_value.values() for r in group]
+    if not everyone:
+        return
+    best = (min if mode == "min" else max)(everyone, key=lambda r: r.best_value)
+    ax.scatter([where[best.run_id]], [best.best_value], marker="*", s=220, color="gold",
+               edgecolors="black", linewidths=0.8, zorder=4, label="best run", gid="best-point")
+
+
+def _label_strip_axes(ax, axis: _XAxis, key: str, values: list[Any]) -> None:
+    ticks = [axis.to_data(axis.centres[value_key(v)]) for v in values]
+    if axis.log:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(ticks, [value_label(v) for v in values], rotation=30 if len(values) > 6 else 0)
+    if values:
+        pad = axis.half_width * 2
+        lo, hi = axis.centres[value_key(values[0])] - pad, axis.centres[value_key(values[-1])] + pad
+        ax.set_xlim(axis.to_data(lo), axis.to_data(hi))
+    ax.autoscale_view(scalex=False)
+    ax.set_xlabel(key)
 
 
 def heatmap_figure(runs: list[RunRecord], rows_key: str, cols_key: str, metric: str, mode: str):
@@ -248,8 +386,9 @@ def _cell_box(i: int, j: int):
 
 def write_plots(data: SweepData, ranked: list[RunRecord], out_dir: str | Path, metric: str, mode: str,
                 top: int = 5, log_scale: bool = False) -> list[Path]:
-    """loss.png (and <metric>.png when the metric is another per-epoch curve), best_vs_<key>.png
-    for every swept key, heatmap.png for a grid over exactly two keys. Returns the files."""
+    """loss.png (and <metric>.png when the metric is another per-epoch curve), by_<key>.png
+    (every run's ``metric`` per value) for every swept key, heatmap.png for a grid over
+    exactly two keys. ``metric`` is the one the runs are ranked by. Returns the files."""
     out_dir = Path(out_dir)
     written: list[Path] = []
     highlight = ranked[:top]
@@ -264,8 +403,8 @@ def write_plots(data: SweepData, ranked: list[RunRecord], out_dir: str | Path, m
     keys = swept_keys(data)
     if ranked:
         for key in keys:
-            written.append(_save(grid_line_figure(data.runs, key, metric, mode),
-                                 out_dir / f"best_vs_{_file_part(key)}.png"))
+            written.append(_save(strip_figure(data.runs, key, metric, mode),
+                                 out_dir / f"by_{_file_part(key)}.png"))
         if len(keys) == 2:
             written.append(_save(heatmap_figure(data.runs, keys[0], keys[1], metric, mode),
                                  out_dir / "heatmap.png"))

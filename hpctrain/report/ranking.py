@@ -9,26 +9,6 @@ import numpy as np
 from ..errors import ConfigError
 from .runs import RunRecord, SweepData
 
-# Words that say which direction is better, matched against the metric name's parts.
-LOWER_IS_BETTER = ("loss", "rmse", "mae", "mse", "error", "err", "perplexity")
-HIGHER_IS_BETTER = ("accuracy", "acc", "auc", "f1", "r2", "precision", "recall")
-
-
-def resolve_mode(metric: str, mode: str = "auto") -> str:
-    """``min`` or ``max``; ``auto`` reads it from the metric's name (val_loss: min, val_auc: max)."""
-    if mode in ("min", "max"):
-        return mode
-    if mode != "auto":
-        raise ConfigError(f"--mode: {mode!r} is not allowed; expected min, max or auto")
-    words = metric.lower().split("_")
-    if any(w in LOWER_IS_BETTER for w in words):
-        return "min"
-    if any(w in HIGHER_IS_BETTER for w in words):
-        return "max"
-    raise ConfigError(f"--metric {metric}: cannot tell whether lower or higher is better; "
-                      "pass --mode min or --mode max")
-
-
 def _test_value(run: RunRecord, metric: str) -> Optional[float]:
     test = run.state.test if run.state is not None and isinstance(run.state.test, dict) else {}
     value = test.get(metric, test.get(metric[len("test_"):]))

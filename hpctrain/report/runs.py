@@ -182,11 +182,13 @@ def read_run(sweep: SweepDir, rec: dict, problems: list[str]) -> RunRecord:
 def grid_keys(sweep: SweepDir) -> list[str]:
     """The swept keys in the order the config's grid lists them (grid.jsonl sorts them)."""
     from ..config import ConfigError, read_raw
+    from ..search import keys as search_keys
 
     try:
-        grid = read_raw(sweep.config_path).get("grid") or {}
+        raw = read_raw(sweep.config_path)
     except ConfigError:
         return []
+    grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
         return []
     keys: list[str] = []
@@ -197,7 +199,7 @@ def grid_keys(sweep: SweepDir) -> list[str]:
         for group in value if isinstance(value, list) else [value]:
             if isinstance(group, dict):
                 keys.extend(group)
-    return [k for k in keys if isinstance(k, str)]
+    return [k for k in keys if isinstance(k, str)] + search_keys(raw.get("search"))
 
 
 def read_sweep(root: str | Path) -> SweepData:

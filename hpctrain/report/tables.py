@@ -58,8 +58,8 @@ def test_columns(data: SweepData) -> list[str]:
 
 
 def summary_columns(data: SweepData, metric: str) -> list[str]:
-    return (["index", "run_id", *data.param_keys, "state", "epochs", "total_epochs", "best_epoch",
-             f"best_{metric}"]
+    return (["index", "run_id", *data.param_keys, "state", "epochs", "total_epochs", "ranks", "global_batch",
+             "best_epoch", f"best_{metric}"]
             + [f"final_{c}" for c in metric_columns(data)]
             + test_columns(data) + list(TRAILING_COLUMNS))
 
@@ -68,7 +68,7 @@ def summary_row(run: RunRecord, metric: str, finals: list[str], tests: list[str]
     s = run.state
     row: dict[str, Any] = {"index": run.index, "run_id": run.run_id, **run.params,
                            "state": run.status, "epochs": run.epochs_run,
-                           "total_epochs": s.total_epochs if s else None,
+                           "total_epochs": s.total_epochs if s else None, **_scale(run),
                            "best_epoch": run.best_epoch, f"best_{metric}": run.best_value}
     for name in finals:
         row[f"final_{name}"] = run.curves.last(name) if run.curves is not None else None
@@ -79,6 +79,13 @@ def summary_row(run: RunRecord, metric: str, finals: list[str], tests: list[str]
         row.update(wall_time_s=s.wall_time_s, samples_per_s=s.samples_per_s,
                    slurm_job_id=s.slurm_job_id, message=s.message)
     return row
+
+
+def _scale(run: RunRecord) -> dict[str, Any]:
+    """Ranks and global batch of a run that has started: runs compare only at equal global batch."""
+    s = run.state
+    started = s is not None and s.status != "pending"
+    return {"ranks": s.world_size if started else None, "global_batch": s.global_batch if started else None}
 
 
 def summary_rows(data: SweepData, metric: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -112,14 +119,29 @@ def state_counts(runs: list[RunRecord]) -> str:
 
 def _leaderboard_rows(data: SweepData, ranked: list[RunRecord], metric: str) -> tuple[list[str], list[list[str]]]:
     tests = [t for t in test_columns(data) if t != metric]
-    header = ["rank", "run", *data.param_keys, "state", f"best {metric}", "best epoch", "epochs", *tests]
+    header = ["rank", "run", *data.param_keys, "state", f"best {metric}", "best epoch", "epochs",
+              "ranks", "global batch", *tests]
     rows = []
     for rank, run in enumerate(ranked, 1):
         test = run.state.test if run.state is not None and isinstance(run.state.test, dict) else {}
+        scale = _scale(run)
         rows.append([str(rank), run.run_id, *[short_value(run.params.get(k)) for k in data.param_keys],
                      run.status, short_value(run.best_value), format_value(run.best_epoch),
-                     str(run.epochs_run), *[short_value(test.get(t, test.get(t[5:]))) for t in tests]])
+                     str(run.epochs_run), format_value(scale["ranks"]), format_value(scale["global_batch"]),
+                     *[short_value(test.get(t, test.get(t[5:]))) for t in tests]])
     return header, rows
+
+
+def mixed_scale_note(runs: list[RunRecord]) -> Optional[str]:
+    """A warning when ranked runs trained at different global batches (or rank counts)."""
+    batches = sorted({r.state.global_batch for r in runs if r.state is not None and r.state.global_batch})
+    ranks = sorted({r.state.world_size for r in runs if r.state is not None and r.state.status != "pending"})
+    if len(batches) > 1:
+        return (f"runs trained at different global batches ({', '.join(map(str, batches))} rows per step): "
+                "their metrics are not directly comparable")
+    if len(ranks) > 1:
+        return f"runs trained on different numbers of ranks ({', '.join(map(str, ranks))})"
+    return None
 
 
 def leaderboard_markdown(data: SweepData, ranked: list[RunRecord], metric: str, mode: str) -> str:
@@ -128,9 +150,12 @@ def leaderboard_markdown(data: SweepData, ranked: list[RunRecord], metric: str, 
     lines = [f"# Leaderboard: {data.name}", "",
              f"Ranked by `{metric}` ({better} is better): {len(ranked)} of {len(data.runs)} runs "
              f"have a value. States: {state_counts(data.runs)}.", ""]
+    note = mixed_scale_note(ranked)
+    if note:
+        lines += [f"**Note:** {note}.", ""]
     if not ranked:
         return "\n".join(lines + [f"No run has a finite `{metric}` yet.", ""])
-    aligns = ["---:" if h in ("rank", "best epoch", "epochs") else "---" for h in header]
+    aligns = ["---:" if h in ("rank", "best epoch", "epochs", "ranks", "global batch") else "---" for h in header]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(aligns) + " |")
     lines.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)

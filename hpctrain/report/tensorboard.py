@@ -1,215 +1,121 @@
-"""TensorBoard event files of scalar curves, written without TensorBoard installed.
+"""TensorBoard event contents of a sweep: tag names, HParams summaries, and the event files
+``hpctrain collect --tensorboard`` writes.
 
-An event file is a TFRecord stream: each record is
-``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``
-(little endian), and each data block is a serialized ``tensorflow.Event`` protobuf.
-Only the few protobuf fields needed for scalars are encoded here:
+Events are TensorBoard's own protobufs framed by its own record writer, so the files are
+exactly what TensorBoard reads. TensorBoard is imported inside the functions: hpctrain
+starts without it, and only the commands that write events need it.
 
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }
-    Value   { string tag = 1; float simple_value = 2; }
-
-``read_events`` decodes what ``write_events`` wrote (and checks every checksum).
+HParams: each run's folder holds a session start (its grid values), the experiment (the
+swept keys and the monitored metric; the same for every run of a sweep, so whichever run
+TensorBoard reads it from describes them all) and, once the run has ended, a session end.
 """
 from __future__ import annotations
 
-import struct
+import io
+import math
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from ..errors import HpctrainError
 from ..fsutil import atomic_write_bytes
 
-FILE_VERSION = b"brain.Event:2"
 # A fixed name (no creation time or host) keeps repeated collects identical.
 EVENT_FILE = "events.out.tfevents.0000000000.hpctrain"
-
-_CRC_TABLE = None
-
-
-def _crc_table() -> np.ndarray:
-    global _CRC_TABLE
-    if _CRC_TABLE is None:
-        poly = 0x82F63B78  # Castagnoli, reflected
-        table = np.zeros(256, dtype=np.uint32)
-        for i in range(256):
-            c = i
-            for _ in range(8):
-                c = (c >> 1) ^ poly if c & 1 else c >> 1
-            table[i] = c
-        _CRC_TABLE = table
-    return _CRC_TABLE
+INSTALL_HINT = "pip install tensorboard"
 
 
-def crc32c_many(blocks: list[bytes]) -> list[int]:
-    """CRC-32C of each block. Blocks of equal length advance together, one byte position per
-    numpy step, so thousands of small records cost a few hundred array operations."""
-    table = _crc_table()
-    out = [0] * len(blocks)
-    by_length: dict[int, list[int]] = {}
-    for i, block in enumerate(blocks):
-        by_length.setdefault(len(block), []).append(i)
-    for length, members in by_length.items():
-        data = np.frombuffer(b"".join(blocks[i] for i in members), dtype=np.uint8).reshape(len(members), length)
-        crc = np.full(len(members), 0xFFFFFFFF, dtype=np.uint32)
-        for pos in range(length):
-            crc = table[(crc ^ data[:, pos]) & 0xFF] ^ (crc >> np.uint32(8))
-        for i, value in zip(members, crc ^ np.uint32(0xFFFFFFFF)):
-            out[i] = int(value)
-    return out
-
-
-def crc32c(data: bytes) -> int:
-    return crc32c_many([data])[0]
-
-
-def mask(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------- protobuf
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 as protobuf encodes it (two's complement for negatives)
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def scalar_value(tag: str, value: float) -> bytes:
-    return _bytes_field(1, tag.encode("utf-8")) + bytes([2 << 3 | 5]) + struct.pack("<f", value)
-
-
-def event(wall_time: float, step: int, *, summary: Optional[bytes] = None,
-          file_version: Optional[bytes] = None) -> bytes:
-    out = bytes([1 << 3 | 1]) + struct.pack("<d", wall_time) + bytes([2 << 3 | 0]) + _varint(step)
-    if file_version is not None:
-        out += _bytes_field(3, file_version)
-    if summary is not None:
-        out += _bytes_field(5, summary)
-    return out
-
-
-def records(payloads: list[bytes]) -> bytes:
-    """TFRecord framing of the payloads."""
-    headers = [struct.pack("<Q", len(p)) for p in payloads]
-    crcs = crc32c_many(headers + payloads)
-    n = len(payloads)
-    parts = []
-    for i, payload in enumerate(payloads):
-        parts += [headers[i], struct.pack("<I", mask(crcs[i])), payload, struct.pack("<I", mask(crcs[n + i]))]
-    return b"".join(parts)
-
-
-def scalar_events(steps: Iterable[int], wall_times: Iterable[float],
-                  scalars: list[tuple[str, np.ndarray]]) -> bytes:
-    """One event per step holding every finite scalar of that step, after the version event."""
-    steps, wall_times = list(steps), list(wall_times)
-    payloads = [event(wall_times[0] if wall_times else 0.0, 0, file_version=FILE_VERSION)]
-    for i, (step, wall) in enumerate(zip(steps, wall_times)):
-        values = b"".join(_bytes_field(1, scalar_value(tag, float(col[i])))
-                          for tag, col in scalars if np.isfinite(col[i]))
-        if values:
-            payloads.append(event(wall, int(step), summary=values))
-    return records(payloads)
-
-
-def write_events(folder: str | Path, steps, wall_times, scalars: list[tuple[str, np.ndarray]]) -> Path:
-    path = Path(folder) / EVENT_FILE
-    atomic_write_bytes(path, scalar_events(steps, wall_times, scalars))
-    return path
-
-
-# --------------------------------------------------------------------------- reading back
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 2:
-            size, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
-def parse_event(data: bytes) -> dict:
-    out: dict = {"wall_time": 0.0, "step": 0, "scalars": {}}
-    for number, _, value in _fields(data):
-        if number == 1:
-            out["wall_time"] = struct.unpack("<d", value)[0]
-        elif number == 2:
-            out["step"] = value
-        elif number == 3:
-            out["file_version"] = value.decode()
-        elif number == 5:
-            for _, _, item in _fields(value):
-                tag, scalar = None, None
-                for n, _, v in _fields(item):
-                    if n == 1:
-                        tag = v.decode("utf-8")
-                    elif n == 2:
-                        scalar = struct.unpack("<f", v)[0]
-                out["scalars"][tag] = scalar
-    return out
-
-
-def read_events(path: str | Path) -> list[dict]:
-    """Every event of a file; ValueError on a bad length or checksum."""
-    data = Path(path).read_bytes()
-    events, pos = [], 0
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        payload = data[pos + 12:pos + 12 + length]
-        (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        if mask(crc32c(header)) != header_crc or mask(crc32c(payload)) != payload_crc:
-            raise ValueError(f"{path}: bad checksum in the record at byte {pos}")
-        events.append(parse_event(payload))
-        pos += 16 + length
-    return events
-
-
-# --------------------------------------------------------------------------- a sweep
+def require_tensorboard(what: str) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise HpctrainError(f"{what} needs the tensorboard package ({INSTALL_HINT})") from None
 
 
 def tag_for(column: str) -> str:
     """train_loss -> train/loss, so TensorBoard groups the splits; lr stays lr."""
     split, _, name = column.partition("_")
     return f"{split}/{name}" if split in ("train", "val") and name else column
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def hparam_value(value: Any) -> Any:
+    """A grid value as HParams takes it: bools and numbers as they are, anything else
+    (layer sizes, names, None) as its label."""
+    from .plots import value_label
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value_label(value)
+
+
+def _hparams_summary(tag: str, plugin_data) -> Any:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata
+
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(plugin_data))])
+
+
+def experiment_summary(params: dict[str, Any], metric_columns: Iterable[str]):
+    """The HParams experiment: one hyperparameter per grid key, the metrics by their tags."""
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    def data_type(value: Any) -> int:
+        if isinstance(value, bool):
+            return api_pb2.DATA_TYPE_BOOL
+        return api_pb2.DATA_TYPE_FLOAT64 if isinstance(value, float) else api_pb2.DATA_TYPE_STRING
+
+    experiment = api_pb2.Experiment(
+        hparam_infos=[api_pb2.HParamInfo(name=k, type=data_type(hparam_value(v))) for k, v in params.items()],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag_for(c))) for c in metric_columns])
+    return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def session_start_summary(params: dict[str, Any], start_time_s: float = 0.0):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=start_time_s)
+    for key, value in params.items():
+        v = hparam_value(value)
+        if isinstance(v, bool):
+            start.hparams[key].bool_value = v
+        elif isinstance(v, float):
+            start.hparams[key].number_value = v
+        else:
+            start.hparams[key].string_value = v
+    plugin_data = plugin_data_pb2.HParamsPluginData(session_start_info=start)
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG, plugin_data)
+
+
+def session_status(run_status: str) -> Optional[int]:
+    """The HParams session status of a run status; None while the run may go on (running,
+    or preempted: it resumes)."""
+    from tensorboard.plugins.hparams import api_pb2
+
+    return {"done": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE,
+            "diverged": api_pb2.STATUS_FAILURE}.get(run_status)
+
+
+def session_end_summary(status: int, end_time_s: float = 0.0):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=end_time_s)
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end))
+
+
+def scalars_summary(values: Iterable[tuple[str, float]]):
+    """One summary of the finite values, tagged by ``tag_for`` of their columns."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=tag_for(c), simple_value=v) for c, v in values if math.isfinite(v)])
+
+
+# --------------------------------------------------------------------------- a sweep, at collect time
 
 
 def run_folder_names(runs, param_keys: list[str]) -> dict[str, str]:
@@ -231,10 +137,12 @@ def run_folder_names(runs, param_keys: list[str]) -> dict[str, str]:
     return names
 
 
-def write_sweep_events(data, folder: str | Path) -> list[Path]:
-    """One sub-folder of event files per run that has curves; steps are epochs."""
+def write_sweep_events(data, folder: str | Path, metric: Optional[str] = None) -> list[Path]:
+    """One sub-folder per run that has curves: its scalars by epoch and its HParams (with
+    ``metric``, the one the sweep is ranked by, as the HParams metric)."""
     from .runs import read_timing
 
+    require_tensorboard("--tensorboard")
     folder = Path(folder)
     names = run_folder_names(data.runs, data.param_keys)
     written = []
@@ -242,10 +150,41 @@ def write_sweep_events(data, folder: str | Path) -> list[Path]:
         curves = run.curves
         if curves is None or not len(curves.epochs):
             continue
-        scalars = [(tag_for(c), curves.values[:, j]) for j, c in enumerate(curves.columns) if c != "step"]
-        written.append(write_events(folder / names[run.run_id], curves.epochs.tolist(),
-                                    _wall_times(run, curves.epochs, read_timing), scalars))
+        walls = _wall_times(run, curves.epochs, read_timing)
+        path = folder / names[run.run_id] / EVENT_FILE
+        atomic_write_bytes(path, _run_events(run, walls, [metric] if metric else []))
+        written.append(path)
     return written
+
+
+def _run_events(run, walls: list[float], metrics: list[str]) -> bytes:
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    curves = run.curves
+    columns = [c for c in curves.columns if c != "step"]
+    events = [Event(wall_time=walls[0], step=0, file_version="brain.Event:2"),
+              Event(wall_time=walls[0], step=0, summary=experiment_summary(run.params, metrics)),
+              Event(wall_time=walls[0], step=0, summary=session_start_summary(run.params, walls[0]))]
+    for i, epoch in enumerate(curves.epochs.tolist()):
+        summary = scalars_summary((c, float(curves.values[i, curves.columns.index(c)])) for c in columns)
+        if summary.value:
+            events.append(Event(wall_time=walls[i], step=int(epoch), summary=summary))
+    status = session_status(run.status)
+    if status is not None:
+        events.append(Event(wall_time=walls[-1], step=int(curves.epochs[-1]),
+                            summary=session_end_summary(status, walls[-1])))
+    return records(event.SerializeToString() for event in events)
+
+
+def records(payloads: Iterable[bytes]) -> bytes:
+    """The payloads framed as a TFRecord stream, by TensorBoard's record writer."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    writer = RecordWriter(buf)
+    for payload in payloads:
+        writer.write(payload)
+    return buf.getvalue()
 
 
 def _wall_times(run, epochs: np.ndarray, read_timing) -> list[float]:

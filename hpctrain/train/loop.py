@@ -9,7 +9,9 @@ Exact resume: a checkpoint holds everything a step depends on (weights, optimize
 schedule, early stopping, the loader position, every rank's RNG states and its partial
 epoch sums) and the metrics rows so far, so a run stopped at any step boundary and
 resumed writes the same metrics.csv and ends with the same weights as one that never
-stopped (bit for bit on CPU with the same world size and thread count).
+stopped (bit for bit on CPU with the same world size and thread count). On another world
+size that keeps the loader's global order (see hpctrain/data/loader.py) it continues with
+the same global batches, equal up to floating-point summation order.
 
 Speed: a step reads nothing back from the device except, on CPU, one finiteness check of
 the loss; a step's metric inputs are kept as references and reduced once per epoch.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import random
 import sys
@@ -32,9 +35,11 @@ import torch
 from ..config import Config, base_dict
 from ..errors import DataError
 from ..fsutil import atomic_write_text
+from ..monitor import better_mode
 from ..tempfiles import remove_stale_temp_files
 from . import checkpoint as ckpt
-from .losses import MetricSums, build_loss, check_monitor, metric_names, monitor_mode
+from .extra_metrics import ExtraMetrics, check_metrics, describe_confusion, metric_keys
+from .losses import MetricSums, build_loss, check_monitor, metric_names
 from .optim import build_optimizer, build_schedule, set_lr
 from .step import TrainStep, to_device
 
@@ -47,7 +52,7 @@ CHECK_EVERY_DEVICE = 50
 
 @dataclass
 class FitResult:
-    status: str                       # done | diverged | preempted
+    status: str                       # done | diverged | preempted | pruned
     epoch: int                        # epochs completed
     step: int                         # optimizer steps taken
     best_metric: Optional[float]
@@ -67,7 +72,7 @@ class Progress:
     The trainer knows nothing of state files: whoever owns the run's state (the runner's
     recorder) receives these through ``on_progress``.
     """
-    status: str                       # running | done | diverged | preempted
+    status: str                       # running | done | diverged | preempted | pruned
     message: str
     epoch: int
     total_epochs: int
@@ -142,9 +147,14 @@ class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, val_loader, backend,
                  run_dir: str | Path | None = None, test_loader=None, stop_flag=None,
                  log: Callable[[str], None] = print, overfit_batches: Optional[int] = None,
-                 model_meta: Optional[dict] = None, on_progress: Optional[Callable[[Progress], None]] = None):
+                 model_meta: Optional[dict] = None, on_progress: Optional[Callable[[Progress], None]] = None,
+                 on_epoch_end: Optional[Callable[[int, dict], Optional[str]]] = None):
+        """``on_progress`` (rank 0) receives the reports; ``on_epoch_end(epoch, metrics)`` (rank 0)
+        may end the run after an epoch by returning a message: the run ends ``pruned``
+        (successive halving's rung decision, prune.py), with its checkpoints saved."""
         self.cfg, self.backend, self.log = cfg, backend, log
         self.on_progress = on_progress
+        self.on_epoch_end = on_epoch_end
         self.task = cfg.data.task
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.stop_flag = stop_flag
@@ -155,7 +165,10 @@ class Trainer:
         optimizer = build_optimizer(cfg.optim, self.raw_model.parameters())
         self.model, self.optimizer = backend.wrap(self.raw_model, optimizer)
         self.loss_fn = build_loss(cfg.loss, self.task)
-        self.metric_keys = metric_names(self.task)
+        check_metrics(cfg.train.metrics, self.task)
+        self.extra = (ExtraMetrics(cfg.train.metrics, self.task, int(self.model_meta.get("n_classes") or 2))
+                      if cfg.train.metrics else None)
+        self.metric_keys = metric_names(self.task) + metric_keys(cfg.train.metrics)
 
         self.overfit_batches = overfit_batches
         if overfit_batches:
@@ -169,8 +182,8 @@ class Trainer:
 
         tc = cfg.train
         self.monitor = "val_loss" if overfit_batches else tc.monitor
-        check_monitor(self.monitor, self.task, has_val=val_loader is not None)
-        self.mode = monitor_mode(self.monitor, tc.mode)
+        check_monitor(self.monitor, self.task, has_val=val_loader is not None, extra=metric_keys(tc.metrics))
+        self.mode = better_mode(self.monitor, tc.mode)
         self.early = EarlyStopping(None if overfit_batches else tc.early_stopping.patience,
                                    tc.early_stopping.min_delta, self.mode)
         planned = tc.epochs * len(train_loader)
@@ -188,7 +201,7 @@ class Trainer:
         self.best_epoch: Optional[int] = None
         self.rows: list[dict] = []
         self.elapsed_before = 0.0  # wall time of earlier attempts of this run
-        self.train_sums = MetricSums(self.task, self.device)
+        self.train_sums = MetricSums(self.task, self.device, self.extra)
         self._best_state: Optional[dict] = None
         self._pending_losses: list[torch.Tensor] = []
         self._lr: Optional[float] = None
@@ -224,6 +237,10 @@ class Trainer:
         tc = self.cfg.train
         if self.early.stopped:
             return "done", f"early stopping had already stopped the run at epoch {self.epoch}"
+        if self.rows:  # resumed: a decision taken at the checkpoint's epoch stands (prune.py)
+            verdict = self._verdict(self.rows[-1])
+            if verdict:
+                return "pruned", verdict
         while self.epoch < tc.epochs and not self._max_steps_reached():
             event, detail = self._train_epoch()
             if event == "diverged":
@@ -232,9 +249,11 @@ class Trainer:
                 self._save(last=True)
                 where = f"epoch {self.epoch + 1}, step {self.step}"
                 return "preempted", f"stopped by {detail} at {where}; saved last.pt"
-            diverged, stop_early, passed = self._end_epoch()
+            diverged, stop_early, passed, verdict = self._end_epoch()
             if diverged:
                 return "diverged", diverged
+            if verdict:
+                return "pruned", verdict
             if passed:
                 break
             if stop_early:
@@ -254,7 +273,7 @@ class Trainer:
         loader = self.train_loader
         if self.batch_in_epoch == 0:
             loader.set_epoch(self.epoch)
-            self.train_sums = MetricSums(self.task, self.device)
+            self.train_sums = MetricSums(self.task, self.device, self.extra)
         self.model.train()
         n_batches = len(loader)
         t_start = time.monotonic()
@@ -360,8 +379,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ end of epoch
 
-    def _end_epoch(self) -> tuple[Optional[str], bool, bool]:
-        """Metrics, schedule, best and early stopping, files; (diverged message, stop early, overfit passed)."""
+    def _end_epoch(self) -> tuple[Optional[str], bool, bool, Optional[str]]:
+        """Metrics, schedule, best and early stopping, files; (diverged message, stop early,
+        overfit passed, on_epoch_end's message)."""
         metrics = self.train_sums.compute(self.backend, "train")
         if self.val_loader is not None:
             metrics.update(self._evaluate(self.val_loader, "val"))
@@ -370,7 +390,7 @@ class Trainer:
         for key in ("train_loss", "val_loss"):
             if key in metrics and not math.isfinite(metrics[key]):
                 return (f"{key} is {metrics[key]} at epoch {self.epoch}, step {self.step}: training diverged; "
-                        f"try a lower optim.lr or optim.grad_clip"), False, False
+                        f"try a lower optim.lr or optim.grad_clip"), False, False, None
         value = metrics[self.monitor]
         self.schedule.epoch_end(value)
         improved = self._is_better(value)
@@ -382,7 +402,12 @@ class Trainer:
         row.update(_ordered(metrics, self.metric_keys, has_val=self.val_loader is not None))
         self.rows.append(row)
         passed = bool(self.overfit_batches) and self._overfit_reached(metrics)
-        final = (self.epoch >= self.cfg.train.epochs or stop_early or passed or self._max_steps_reached())
+        # Decided before the checkpoint, so a run restarted from it finds the decision recorded.
+        verdict = self._verdict(metrics)
+        if improved and self.extra is not None and "confusion" in self.cfg.train.metrics:
+            self._write_confusion()
+        final = (self.epoch >= self.cfg.train.epochs or stop_early or passed or self._max_steps_reached()
+                 or verdict is not None)
         elapsed = self.elapsed_before + time.monotonic() - self._t0
         self._write_epoch_files(f"{self.epoch},{self._epoch_train_time:.4f},{self._epoch_speed():.1f},{elapsed:.3f}")
         last_due = (self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or final
@@ -390,7 +415,22 @@ class Trainer:
         self._save(last=last_due, best=improved)
         self._log_epoch(metrics)
         self._report("running")
-        return None, stop_early, passed
+        return None, stop_early, passed, verdict
+
+    def _verdict(self, metrics: dict) -> Optional[str]:
+        """on_epoch_end's answer for the epoch just ended, rank 0's on every rank."""
+        if self.on_epoch_end is None or self.overfit_batches:
+            return None
+        answer = self.on_epoch_end(self.epoch, metrics) if self.backend.is_root else None
+        return self.backend.broadcast_object(answer) if self.backend.size > 1 else answer
+
+    def _write_confusion(self) -> None:
+        """confusion.json: the validation confusion matrix of the best epoch (train.metrics: confusion)."""
+        if not self.backend.is_root or self.run_dir is None or self.extra.confusion is None:
+            return
+        record = {"epoch": self.epoch, "split": "val" if self.val_loader is not None else "train",
+                  **describe_confusion(self.extra.confusion, self.model_meta.get("class_names"))}
+        atomic_write_text(self.run_dir / "confusion.json", json.dumps(record, indent=1) + "\n", durable=False)
 
     def _is_better(self, value: float) -> bool:
         if math.isnan(value):
@@ -404,7 +444,7 @@ class Trainer:
         """Loss and metrics of a split over every rank, in eval mode (no dropout, running BN stats)."""
         was_training = self.model.training
         self.model.eval()
-        sums = MetricSums(self.task, self.device)
+        sums = MetricSums(self.task, self.device, self.extra)
         loader.set_epoch(0)
         batches = iter(loader)
         try:
@@ -496,22 +536,33 @@ class Trainer:
         self.elapsed_before = float(p.get("elapsed_s", 0.0))
         same_world = int(p["world_size"]) == self.backend.size
         if not same_world:
-            self.log(f"warning: the checkpoint was written by {p['world_size']} ranks, this run has "
-                     f"{self.backend.size}; the resumed run is not bit-identical to an uninterrupted one")
-        rank = self.backend.rank
-        if same_world:
-            set_rng_state(p["rng"][rank])
-        else:
-            seed_all(self.cfg.seed + 1000 * (rank + 1) + self.step)
-        self.train_sums = MetricSums(self.task, self.device)
+            self.log(f"the checkpoint was written by {p['world_size']} ranks, this run has {self.backend.size}: "
+                     f"under the same global batch the epoch's order continues where it stopped, and the "
+                     f"results match an uninterrupted run up to floating-point summation order")
+        self._restore_rng(p["rng"])
+        self.train_sums = MetricSums(self.task, self.device, self.extra)
         if self.batch_in_epoch:
             self.train_loader.load_state_dict(p["loader"])
-            parts = p["train_sums"]
-            if same_world:
-                self.train_sums.load_state_dict(parts[rank])
-            elif rank == 0:
-                self.train_sums.load_state_dict(_merge_sums(parts))
+            self._restore_train_sums(p["train_sums"], same_world)
         self._write_epoch_files()  # drops rows of epochs after the checkpoint
+
+    def _restore_rng(self, saved: list) -> None:
+        """Rank r takes up rank r's RNG states of the checkpoint; a rank the checkpoint did not
+        have seeds its own from the step, so that resuming twice from one checkpoint agrees."""
+        rank = self.backend.rank
+        if rank < len(saved):
+            set_rng_state(saved[rank])
+        else:
+            seed_all(self.cfg.seed + 1000 * (rank + 1) + self.step)
+
+    def _restore_train_sums(self, parts: list, same_world: bool) -> None:
+        """The partial epoch's sums: each rank its own, or, on another world size, all of them
+        on rank 0 (epoch metrics are sums over every rank, so where they sit does not matter)."""
+        rank = self.backend.rank
+        if same_world:
+            self.train_sums.load_state_dict(parts[rank])
+        elif rank == 0:
+            self.train_sums.load_state_dict(_merge_sums(parts))
 
     # ------------------------------------------------------------------ files and state
 

@@ -18,7 +18,7 @@ the data itself; an approximate histogram would make the metric depend on its bi
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,6 @@ from ..config import LossConfig
 from ..errors import ConfigError, DataError
 
 METRICS = {"binary": ("accuracy", "auc"), "multiclass": ("accuracy",), "regression": ("rmse", "mae")}
-# Whether a larger value is better, for early stopping and best checkpoints in mode "auto".
-GREATER_IS_BETTER = {"loss": False, "accuracy": True, "auc": True, "rmse": False, "mae": False}
 AUTO_LOSS = {"binary": "bce", "multiclass": "ce", "regression": "mse"}
 
 
@@ -36,17 +34,10 @@ def metric_names(task: str) -> tuple[str, ...]:
     return METRICS[task]
 
 
-def monitor_mode(monitor: str, mode: str = "auto") -> str:
-    """"min" or "max" for a monitored key such as val_loss or val_auc."""
-    if mode != "auto":
-        return mode
-    name = monitor.split("_", 1)[1]
-    return "max" if GREATER_IS_BETTER.get(name, False) else "min"
-
-
-def check_monitor(monitor: str, task: str, has_val: bool) -> None:
+def check_monitor(monitor: str, task: str, has_val: bool, extra: tuple[str, ...] = ()) -> None:
+    """``extra``: the names train.metrics adds (extra_metrics.metric_keys)."""
     split, _, name = monitor.partition("_")
-    allowed = ("loss",) + METRICS[task]
+    allowed = ("loss",) + METRICS[task] + tuple(extra)
     if name not in allowed:
         raise ConfigError(f"train.monitor: {monitor!r} is not a metric of task {task!r}; expected "
                           f"one of: {', '.join(f'{s}_{m}' for s in ('val', 'train') for m in allowed)}")
@@ -139,9 +130,10 @@ class MetricSums:
     checkpoints, which is what exact resume needs.
     """
 
-    def __init__(self, task: str, device: torch.device | str = "cpu"):
+    def __init__(self, task: str, device: torch.device | str = "cpu", extra: Any = None):
         self.task = task
         self.device = torch.device(device)
+        self.extra = extra  # extra_metrics.ExtraMetrics of train.metrics, or None
         self.losses: list[torch.Tensor] = []
         self.dens: list = []
         self.outs: list[torch.Tensor] = []
@@ -206,4 +198,6 @@ class MetricSums:
         if self.task == "regression":
             out[f"{prefix}_rmse"] = math.sqrt(sq / elems) if elems else float("nan")
             out[f"{prefix}_mae"] = ab / elems if elems else float("nan")
+        if self.extra is not None:
+            out.update(self.extra.compute(backend, outs, labels, prefix))
         return out

@@ -3,9 +3,14 @@
 Train a copy of the model for a short run while the learning rate grows exponentially
 from ``start_lr`` to ``end_lr``; record the loss of every step and an exponentially
 smoothed (bias-corrected) version of it; stop when the smoothed loss exceeds
-``blowup`` x its minimum, or is not finite. The suggested learning rate is a tenth of the
-LR where the loss blew up (or, when it never did, a tenth of the LR of the lowest
-smoothed loss): a value still on the steep, stable part of the curve.
+``blowup`` x its minimum, or is not finite. Two learning rates are suggested:
+
+- steepest descent: the LR where the smoothed loss falls fastest against log LR, before
+  its minimum. Each step there still buys the most progress, and it does not depend on
+  how sharply the loss rises past the minimum, so it suits Adam-like optimizers, whose
+  loss stays flat a long way before it blows up.
+- a tenth of divergence: a tenth of the LR where the loss blew up (or, when it never did,
+  a tenth of the LR of the lowest smoothed loss), the classic rule for SGD.
 
 Each step is the trainer's own (``train.step.TrainStep``): gradient clipping, L1/L2
 penalties, max-norm, precision and gradient accumulation act here as they will in the
@@ -17,11 +22,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -37,7 +44,13 @@ class LRFindResult:
     smoothed: list[float] = field(default_factory=list)
     blowup_lr: Optional[float] = None     # LR of the step that ended the test, None if it never blew up
     min_loss_lr: Optional[float] = None   # LR of the lowest smoothed loss
-    suggestion: Optional[float] = None
+    steepest_lr: Optional[float] = None   # LR of the steepest descent of the smoothed loss
+    tenth_lr: Optional[float] = None      # a tenth of blowup_lr (or of min_loss_lr)
+
+    @property
+    def suggestion(self) -> Optional[float]:
+        """The tenth-of-divergence suggestion, the single figure earlier versions gave."""
+        return self.tenth_lr
 
     def table(self, rows: int = 20) -> str:
         """Every k-th step as a text table (the last step always included)."""
@@ -52,12 +65,25 @@ class LRFindResult:
         return "\n".join(lines)
 
     def summary(self) -> str:
-        if self.suggestion is None:
+        if self.tenth_lr is None:
             return "no suggestion: the test took too few steps"
+        steep = (f"suggested learning rate (steepest descent): {self.steepest_lr:.3g} "
+                 f"(the smoothed loss falls fastest there; the first choice, above all for Adam-like optimizers)"
+                 if self.steepest_lr is not None
+                 else "suggested learning rate (steepest descent): none (the smoothed loss never fell)")
         basis = (f"a tenth of {self.blowup_lr:.3g}, where the loss blew up" if self.blowup_lr is not None
                  else f"a tenth of {self.min_loss_lr:.3g}, the LR of the lowest loss (the loss never blew up; "
                       f"try a larger --end-lr)")
-        return f"suggested learning rate: {self.suggestion:.3g} ({basis})"
+        tenth = (f"suggested learning rate (tenth of divergence): {self.tenth_lr:.3g} "
+                 f"({basis}; the classic rule for SGD)")
+        return f"{steep}\n{tenth}"
+
+    def to_dict(self) -> dict:
+        return {"steepest_lr": self.steepest_lr, "tenth_lr": self.tenth_lr, "blowup_lr": self.blowup_lr,
+                "min_loss_lr": self.min_loss_lr, "steps": len(self.lrs)}
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def write_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="", encoding="utf-8") as f:
@@ -75,10 +101,12 @@ class LRFindResult:
         try:
             ax.plot(self.lrs, self.losses, color="0.75", lw=1, label="loss")
             ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed loss")
-            if self.suggestion is not None:
-                ax.axvline(self.suggestion, color="C2", ls="--", label=f"suggested lr {self.suggestion:.2g}")
-            if self.blowup_lr is not None:
-                ax.axvline(self.blowup_lr, color="C3", ls=":", label=f"blow-up {self.blowup_lr:.2g}")
+            marks = ((self.steepest_lr, "C1", "--", "steepest descent"),
+                     (self.tenth_lr, "C2", "--", "tenth of divergence"),
+                     (self.blowup_lr, "C3", ":", "blow-up"))
+            for lr, colour, style, name in marks:
+                if lr is not None:
+                    ax.axvline(lr, color=colour, ls=style, gid=name, label=f"{name} {lr:.2g}")
             finite = [v for v in self.smoothed if math.isfinite(v)]
             if finite:
                 ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), min(max(finite), 4.5 * min(finite) + 1e-12))
@@ -91,6 +119,29 @@ class LRFindResult:
             fig.savefig(path)
         finally:
             plt.close(fig)
+
+
+def steepest_descent_lr(lrs: list[float], smoothed: list[float]) -> Optional[float]:
+    """The LR where the smoothed loss falls fastest against log LR, looking only up to its
+    minimum (past it the loss rises, and the blow-up step can be steep in either sign).
+    None when fewer than 3 finite points precede the minimum or the loss never falls."""
+    x, y = np.log(np.asarray(lrs, dtype=float)), np.asarray(smoothed, dtype=float)
+    finite = np.isfinite(y)
+    if finite.sum() < 3:
+        return None
+    x, y = x[finite], y[finite]
+    end = int(np.argmin(y)) + 1
+    if end < 3:
+        return None
+    slope = np.gradient(y[:end], x[:end])
+    i = int(np.argmin(slope))
+    return float(np.exp(x[i])) if slope[i] < 0 else None
+
+
+def tenth_of_divergence_lr(blowup_lr: Optional[float], min_loss_lr: Optional[float]) -> Optional[float]:
+    """A tenth of the LR where the loss blew up, or of the lowest loss's LR when it never did."""
+    base = blowup_lr if blowup_lr is not None else min_loss_lr
+    return None if base is None else base / 10
 
 
 class BatchShares:
@@ -182,10 +233,10 @@ def lr_range_test(cfg: Config, model: torch.nn.Module, loader, backend, *, start
                 best, result.min_loss_lr = smooth, lr
     finally:
         batches.close()
-    if result.blowup_lr is not None:
-        result.suggestion = result.blowup_lr / 10
-    elif result.min_loss_lr is not None:
-        result.suggestion = result.min_loss_lr / 10
+    result.tenth_lr = tenth_of_divergence_lr(result.blowup_lr, result.min_loss_lr)
+    # The blow-up step is left out: its loss says the LR is too high, not how fast it falls.
+    kept = len(result.lrs) - (result.blowup_lr is not None)
+    result.steepest_lr = steepest_descent_lr(result.lrs[:kept], result.smoothed[:kept])
     return result
 
 

@@ -7,6 +7,12 @@ clips, steps the optimizer (through the scaler when there is one) and applies th
 max-norm constraint. The learning rate is the caller's to set: the trainer follows its
 schedule, the range test its exponential ramp.
 
+The gradient is that of the global batch's mean loss, whichever ranks hold its rows: each
+backward pass weighs its (weighted) mean loss by its share of the global denominator, and
+the backend averages over ranks. Without sample weights that denominator is the row
+count, and the loaders give every rank batches of equal size, so it is known without
+communication; with weights, one small allreduce of the weight sum per step finds it.
+
 The optimizer may be a Horovod ``DistributedOptimizer``, the ``mpi`` backend's
 ``GradientAveragingOptimizer`` or a plain torch optimizer under DDP, so only the calls
 all of them accept are made: ``zero_grad()`` without arguments (Horovod's takes none) and,
@@ -67,40 +73,57 @@ class TrainStep:
         self.autocast, self.scaler = precision(cfg.train.precision, device)
         self.micro_steps = max(1, int(getattr(backend, "backward_passes_per_step", 1) or 1))
         self.weights = weight_tensors(raw_model)
+        self.weighted = bool(getattr(loss_fn, "weighted", False))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor]) -> StepResult:
         self.optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no arguments
+        rank_den = self._rank_denominator(x, w)
         if self.micro_steps == 1:
-            out, loss, den = self._forward_backward(x, y, w, 1, True)
+            out, loss, den = self._forward_backward(x, y, w, rank_den, True, 1.0)
         else:
-            out, loss, den = self._accumulate(x, y, w)
+            out, loss, den = self._accumulate(x, y, w, rank_den)
         self._clip_and_step()
         if self.optim_cfg.max_norm:
             apply_max_norm(self.weights, self.optim_cfg.max_norm)
         return StepResult(out, loss, den)
 
-    def _forward_backward(self, x, y, w, parts: int, last: bool):
-        """Forward and backward of one (micro-)batch; the loss is divided by ``parts``."""
+    def _rank_denominator(self, x: torch.Tensor, w: Optional[torch.Tensor]):
+        """The global batch's loss denominator divided by the world size: what one rank's
+        backward passes are weighed against, so that the average over ranks is the global mean."""
+        if not self.weighted or w is None:
+            return len(x)  # every rank's batch has the same number of rows
+        den = w.float().sum()  # as the loss sums it, so that one process weighs by exactly 1
+        size = getattr(self.backend, "size", 1)
+        if size > 1:
+            den = (self.backend.allreduce_sum(den.double().reshape(1)).reshape(()) / size).float()
+        return den
+
+    def _forward_backward(self, x, y, w, rank_den, last: bool, part: float):
+        """Forward and backward of one (micro-)batch, its loss weighed by its share of ``rank_den``;
+        ``part`` is its fraction of the step's rows."""
         with self._backend_context(last):
             with self.autocast():
                 out = self.model(x)
             loss, den = self.loss_fn(out.float(), y, w)
-            total = loss
+            data_loss = loss
+            if not (isinstance(den, int) and den == rank_den):
+                data_loss = loss * (den / rank_den)
+            total = data_loss
             if self.optim_cfg.l1 or self.optim_cfg.l2:
-                total = loss + weight_penalty(self.weights, self.optim_cfg.l1, self.optim_cfg.l2)
-            if parts > 1:
-                total = total / parts
+                penalty = weight_penalty(self.weights, self.optim_cfg.l1, self.optim_cfg.l2)
+                # once per step, however many micro-batches share it
+                total = data_loss + (penalty if part == 1.0 else penalty * part)
             (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return out, loss, den
 
-    def _accumulate(self, x, y, w):
-        """dist.backward_passes_per_step > 1: the batch in equal micro-batches, one backward
-        pass each, gradients averaged; the step count per epoch does not change."""
+    def _accumulate(self, x, y, w, rank_den):
+        """dist.backward_passes_per_step > 1: the batch in micro-batches, one backward pass
+        each, gradients summed to the whole batch's; the step count per epoch does not change."""
         k = min(self.micro_steps, len(x))
         chunks = list(zip(x.chunk(k), y.chunk(k), w.chunk(k) if w is not None else [None] * k))
         outs, nums, dens = [], [], []
         for i, (xc, yc, wc) in enumerate(chunks):
-            out, loss, den = self._forward_backward(xc, yc, wc, len(chunks), i == len(chunks) - 1)
+            out, loss, den = self._forward_backward(xc, yc, wc, rank_den, i == len(chunks) - 1, len(xc) / len(x))
             outs.append(out.detach())
             nums.append(loss.detach() * den)
             dens.append(den)

@@ -5,8 +5,8 @@
 
 Prints rows/s for
   (a) raw h5py reads of the train rows in large contiguous slices (the ceiling),
-  (b) ShardLoader: block shuffle + buffer shuffle, batch 1024, standardised, torch tensors,
-      background prefetch thread (the defaults),
+  (b) ShardLoader: the epoch's global order (block shuffle, 8 streams, shuffled rounds), one
+      process, batch 1024, standardised, torch tensors, background prefetch thread (the defaults),
   (c) a naive per-row torch Dataset (one h5py row per __getitem__) behind a shuffling
       DataLoader, timed over --naive-rows rows only because it is so slow,
 and the ratios (b)/(a) (goal >= 0.5) and (b)/(c) (goal >= 1000) from this same run.
@@ -92,7 +92,7 @@ def hpctrain_loader(path: Path, batch: int, epoch: int) -> float:
     for b in loader:
         rows += b.x.shape[0]
     elapsed = time.perf_counter() - t
-    assert rows == loader.rows, (rows, loader.rows)
+    assert rows == loader.rows_per_rank, (rows, loader.rows_per_rank)  # all but the < 8 rows of the remainder
     return rows / elapsed
 
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             growth = (probe["peak"] - probe["before"]) / 2**20
             print(f"peak RSS over one epoch of {name:>14}: {probe['peak'] / 2**20:7.1f} MiB "
                   f"(+{growth:5.1f} MiB over the process before iterating)")
-        print(f"loader buffers by design: at most 8 pooled 32768-row buffers (read + shuffled) = {bound:.1f} MiB; "
+        print(f"loader buffers by design: at most 8 pooled 32768-row buffers (read + gathered) = {bound:.1f} MiB; "
               f"dataset {size_mib:.0f} MiB")
     finally:
         if temp is not None and not args.keep:

@@ -1,7 +1,8 @@
 """The Trainer over a real backend: R ranks with per-rank batch B, or 1 rank with batch R*B.
 
-The data are ordered so that step k of the single process sees exactly the rows that
-the R ranks see together at step k. Rank 0 saves the final parameters to argv[2].
+The data are arranged by hand so that step k of the single process sees exactly the rows
+that the R ranks see together at step k: this checks the trainer and the backend alone,
+not the loader's order (tests/test_elastic.py does that through the CLI). Rank 0 saves the final parameters to argv[2].
 usage: trainer_equivalence.py BACKEND OUT [BATCH] [ACCUMULATE]
 """
 import sys

@@ -16,7 +16,7 @@ demo: setup
 	scripts/demo.sh
 
 test: setup-test
-	HPCTRAIN_REQUIRE_ALL=1 $(PY) -m pytest -q -ra
+	HPCTRAIN_REQUIRE_ALL=1 $(PY) -m pytest -q -ra --durations=25
 
 clean:
 	rm -rf sweeps data/demo .pytest_cache

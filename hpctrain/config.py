@@ -175,6 +175,8 @@ class TrainConfig:
                               help="more metrics: f1_macro, confusion, or \"package.module:function\" "
                                    "(train/extra_metrics.py)")
     tensorboard: bool = spec(True, help="write TensorBoard events to <run_dir>/tb/ after every epoch")
+    state_every_s: float = spec(10.0, ge=0.0, help="rewrite state.json after an epoch at most every N seconds "
+                                                  "(transitions and the final state always)")
 
 
 @dataclass

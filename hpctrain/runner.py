@@ -293,10 +293,12 @@ def _rung_book(sweep: SweepDir, spec: RunSpec, overfit_batches: Optional[int]) -
 def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_batches: Optional[int],
          rungs: Any = None):
     from .train.loop import Trainer
+    from .train.run_log import Throttled
 
     root = parts.backend.is_root
     live = _live_tensorboard(parts.cfg, recorder, log) if root else None
-    on_progress = (recorder.report if live is None else _both(recorder.report, live)) if root else None
+    record = Throttled(recorder.report, parts.cfg.train.state_every_s)
+    on_progress = (record if live is None else _both(record, live)) if root else None
     trainer = Trainer(parts.cfg, parts.model, parts.train_loader, parts.val_loader, parts.backend,
                       run_dir=recorder.run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
                       log=log if root else _quiet, overfit_batches=overfit_batches,

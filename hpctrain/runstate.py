@@ -137,13 +137,6 @@ class RunRecorder:
         state.slurm_job_id = job_id
         self._write(state)
 
-    def stamp_job(self, job_id: str) -> None:
-        """Record the Slurm job that will run (or runs) this run; finished runs keep theirs."""
-        state = self.read()
-        if state is not None and state.status in ("pending", "preempted", "failed"):
-            state.slurm_job_id = job_id
-            self._write(state)
-
     def running(self, *, total_epochs: int, world_size: int, backend: str,
                 job_id: Optional[str] = None, global_batch: Optional[int] = None) -> RunState:
         """The run starts (or resumes) on this job; a start after ``preempted`` counts a requeue."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hpctrain.config import DataConfig
+from hpctrain.data import loader as loader_module
 from hpctrain.data.loader import Batch, ShardLoader
 from hpctrain.data.shards import DatasetWriter, Meta, open_dataset
 from hpctrain.errors import ConfigError, DataError
@@ -34,6 +35,13 @@ def ids_dataset(folder, train_shards=TRAIN_SHARDS, val_rows=53, test_rows=0, wei
             x = np.stack([ids, 2 * ids] + [np.full(n, 5.0, np.float32)] * (features - 2), axis=1)
             writer.append(split, x, ids.astype(np.int64) % 2, ids + 0.5)
         return writer.finish()
+
+
+@pytest.fixture(autouse=True, params=["files", "resident"])
+def reading(request, monkeypatch):
+    """Every test twice: epochs read from the files (prefetch threads), and from the split kept in memory."""
+    monkeypatch.setattr(loader_module, "RESIDENT_BYTES", -1 if request.param == "files" else 1 << 40)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +350,32 @@ def test_a_batch_kept_by_the_caller_is_never_overwritten(data):
     rest = [b.x[:, 0].clone() for b in it]
     assert torch.equal(kept.x, copy)
     assert len(rest) == len(ld) - 1
+
+
+def test_a_small_split_is_read_from_its_files_once(data, reading, monkeypatch):
+    opened = []
+    real = loader_module.ShardReader.read
+    monkeypatch.setattr(loader_module.ShardReader, "read", lambda self, *a: opened.append(a[0]) or real(self, *a))
+    loader = ShardLoader(data, "train", batch_size=16, prefetch=2)
+    epochs = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        epochs.append(torch.cat([b.x[:, 0] for b in loader]))
+    reads_per_epoch = len(opened) / 3
+    assert loader.resident == (reading == "resident")
+    if reading == "resident":
+        assert sorted(opened) == list(range(len(TRAIN_SHARDS)))  # each shard once, whole
+    else:
+        assert reads_per_epoch >= len(TRAIN_SHARDS)
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_resident_and_file_reading_give_the_same_batches(data, monkeypatch):
+    def epoch_rows(limit):
+        monkeypatch.setattr(loader_module, "RESIDENT_BYTES", limit)
+        loader = ShardLoader(data, "train", batch_size=24, world_size=2, rank=1, seed=3, prefetch=2)
+        loader.set_epoch(5)
+        return [(b.x, b.y, b.w) for b in loader]
+    files, resident = epoch_rows(-1), epoch_rows(1 << 40)
+    assert len(files) == len(resident) > 0
+    assert all(torch.equal(a, b) for fb, rb in zip(files, resident) for a, b in zip(fb, rb))

@@ -36,7 +36,7 @@ def test_pending_is_written_once_and_never_resets_a_run(tmp_path):
 def test_a_run_goes_pending_running_preempted_running_done_counting_one_requeue(tmp_path):
     rec = recorder(tmp_path)
     rec.pending(total_epochs=4)
-    rec.stamp_job("51_3")
+    rec.queued("51_3", total_epochs=4, monitor="val_loss", exists=True)
     assert read_state(tmp_path).slurm_job_id == "51_3"
     state = rec.running(total_epochs=4, world_size=2, backend="torch", job_id="51_3")
     assert (state.status, state.requeues, state.world_size, state.backend) == ("running", 0, 2, "torch")
@@ -58,7 +58,7 @@ def test_a_run_goes_pending_running_preempted_running_done_counting_one_requeue(
 def test_a_local_start_clears_the_job_id_of_an_earlier_slurm_attempt(tmp_path):
     rec = recorder(tmp_path)
     rec.pending(total_epochs=4)
-    rec.stamp_job("51_3")
+    rec.queued("51_3", total_epochs=4, monitor="val_loss", exists=True)
     assert rec.running(total_epochs=4, world_size=1, backend="none").slurm_job_id is None
 
 
@@ -67,7 +67,7 @@ def test_finished_runs_keep_their_job_and_notes_touch_only_preempted_runs(tmp_pa
     rec.pending(total_epochs=4)
     rec.running(total_epochs=4, world_size=1, backend="none", job_id="51_3")
     rec.report(progress("done", "finished 4 epochs", epoch=4))
-    rec.stamp_job("99_0")
+    rec.queued("99_0", total_epochs=4, monitor="val_loss", exists=True)
     assert rec.note("preempted; requeued") is None
     state = read_state(tmp_path)
     assert (state.slurm_job_id, state.message) == ("51_3", "finished 4 epochs")

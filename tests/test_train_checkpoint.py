@@ -15,8 +15,8 @@ import torch
 
 from hpctrain.fsutil import atomic_write, atomic_write_bytes, temp_writer
 from hpctrain.tempfiles import remove_stale_temp_files
-from hpctrain.train.checkpoint import (CheckpointError, load_checkpoint, load_latest, save_checkpoint,
-                                       serialize, write_checkpoint)
+from hpctrain.train.checkpoint import (BEST, LAST, PREVIOUS, CheckpointError, load_checkpoint, load_latest,
+                                       save_checkpoint, serialize, write_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,3 +206,33 @@ def test_temp_names_carry_pid_and_host(tmp_path):
     atomic_write(tmp_path / "g.pt", lambda f: names.extend(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"))
     assert len(names) == 1 and temp_writer(names[0]) == (os.getpid(), socket.gethostname())
     assert temp_writer(".last.pt.a1b2c3d4.tmp") is None and temp_writer("last.pt") is None
+
+
+def _manager(run_dir):
+    from types import SimpleNamespace
+
+    from hpctrain.train.checkpoint import CheckpointManager
+
+    every = SimpleNamespace(checkpoint_every_s=300.0, checkpoint_every_epochs=1, checkpoint_every_steps=None)
+    return CheckpointManager(run_dir, SimpleNamespace(is_root=True, size=1), every, log=lambda m: None)
+
+
+def test_background_writes_land_in_order_and_wait_makes_them_visible(tmp_path):
+    manager = _manager(tmp_path)
+    for i in range(3):
+        manager.save(lambda i=i: {"model": {"w": torch.full((2,), float(i))}}, last=True, best=i == 1)
+    manager.wait()
+    folder = tmp_path / "checkpoints"
+    assert load_checkpoint(folder / LAST)["model"]["w"].tolist() == [2.0, 2.0]
+    assert load_checkpoint(folder / PREVIOUS)["model"]["w"].tolist() == [1.0, 1.0]
+    assert load_checkpoint(folder / BEST)["model"]["w"].tolist() == [1.0, 1.0]
+    assert manager.best_weights()["w"].tolist() == [1.0, 1.0]
+
+
+def test_a_failed_background_write_is_raised_by_wait(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the run folder should be")
+    manager = _manager(tmp_path / "blocker")
+    manager.save(lambda: {"model": {}}, last=True)
+    with pytest.raises(OSError):
+        manager.wait()
+    manager.wait()  # reported once

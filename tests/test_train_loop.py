@@ -16,6 +16,7 @@ from hpctrain.model import build_model
 from hpctrain.runstate import RunRecorder, RunState, read_state
 from state_files import put_state
 from hpctrain.train.loop import Trainer
+from hpctrain.train.run_log import parse_metrics_csv
 from hpctrain.train.signals import StopFlag
 
 
@@ -136,7 +137,7 @@ def test_test_split_is_evaluated_with_the_best_weights(tmp_path):
     result = trainer.fit()
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["epoch"] == result.best_epoch
-    assert result.best_metric == max(r["val_auc"] for r in best["metrics"])
+    assert result.best_metric == max(r["val_auc"] for r in parse_metrics_csv(best["metrics"]))
     model = build_model(cfg.model, "binary", 6)
     model.load_state_dict(best["model"])
     model.eval()

@@ -1,5 +1,6 @@
 """A model of the user's own on image-shaped rows: convert keeps the shape, the CNN trains on
 2 ranks, and load_best rebuilds it."""
+import csv
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from mpi_scripts.launch import MPIRUN_ARGS, clean_env
+from slurm_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +44,7 @@ def config(tmp_path: Path, data: Path, extra: str = "") -> Path:
         data: {{path: {data}, task: multiclass, batch_size: 64}}
         model: {{target: "user_models.digits_cnn:build", options: {{channels: 6}}}}
         optim: {{name: adam, lr: 3e-3}}
-        train: {{epochs: 3, monitor: val_accuracy}}
+        train: {{epochs: 3, monitor: val_f1_macro, metrics: [f1_macro, confusion]}}
         dist: {{backend: torch}}
         grid:
           optim.lr: [3e-3, 1e-3]
@@ -83,15 +85,43 @@ def test_a_user_cnn_trains_on_two_ranks_and_load_best_returns_it(image_dataset, 
         out = hpctrain("run", cfg, "--index", index, "--sweep-dir", sweep, cwd=tmp_path, ranks=2)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     done = hpctrain("collect", sweep, cwd=tmp_path)
-    assert done.returncode == 0 and "ranked by val_accuracy (max)" in done.stdout, done.stderr
+    assert done.returncode == 0 and "ranked by val_f1_macro (max)" in done.stdout, done.stderr
     sys.path.insert(0, str(ROOT / "tests"))
     model = load_best(sweep)
     assert isinstance(model.model.module[0], torch.nn.Conv2d)
     test = np.load(digits_like(tmp_path / "t.npz", rows=300, seed=1))
     accuracy = (model.predict(test["x"]).numpy() == test["y"]).mean()
     assert accuracy > 0.9, accuracy
-    state = json.loads(next((sweep / "runs").glob("*/state.json")).read_text())
+    run = next((sweep / "runs").iterdir())
+    state = json.loads((run / "state.json").read_text())
     assert state["world_size"] == 2 and state["global_batch"] == 128
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert all(0.0 <= float(r["val_f1_macro"]) <= 1.0 for r in rows) and "train_f1_macro" in rows[0]
+    confusion = json.loads((run / "confusion.json").read_text())
+    matrix = np.array(confusion["matrix"])
+    best = max(range(len(rows)), key=lambda i: float(rows[i]["val_f1_macro"]))
+    assert confusion["epoch"] == best + 1 and matrix.shape == (4, 4)
+    assert matrix.sum() == json.loads((image_dataset / "meta.json").read_text())["rows"]["val"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_user_cnn_trains_over_two_ranks_on_the_slurm_cluster(slurm_cluster, image_dataset, tmp_path):
+    from hpctrain import load_best
+
+    cfg = config(tmp_path, image_dataset, "slurm: {tasks_per_node: 2, cpus_per_task: 1, time_min: 10}\n")
+    sweep = tmp_path / "s"
+    out = hpctrain("submit", cfg, "--executor", "slurm", "--sweep-dir", sweep, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    wait_until(lambda: (sweep / "best" / "best.json").exists(), 600, "the collector job")
+    for run in (sweep / "runs").iterdir():
+        state = json.loads((run / "state.json").read_text())
+        assert (state["status"], state["world_size"], state["slurm_job_id"] is not None) == ("done", 2, True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    model = load_best(sweep)
+    assert isinstance(model.model.module[0], torch.nn.Conv2d)
+    test = np.load(digits_like(tmp_path / "t.npz", rows=300, seed=1))
+    assert (model.predict(test["x"]).numpy() == test["y"]).mean() > 0.9
 
 
 def test_a_bad_target_is_named_before_training(image_dataset, tmp_path):

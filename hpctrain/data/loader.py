@@ -26,6 +26,10 @@ Eval splits are cut into contiguous shares of all rows in file order (nothing dr
 shares differ by at most one row). A round's shuffle depends only on its stream and index,
 so a loader restored with ``load_state_dict`` starts reading at the round of the next batch
 and yields exactly the rows that were left, on any world size that keeps G and S.
+
+A split of at most ``RESIDENT_BYTES`` is read from its files once, by the first epoch, and
+kept in memory (``ResidentReader``); its epochs follow the same plans, filled from memory in
+the calling thread without prefetch threads. The batches are the same, bit for bit.
 """
 from __future__ import annotations
 
@@ -52,6 +56,10 @@ PLAN_KEYS = ("split", "partition", "global_batch", "streams", "seed", "rows", "r
 DEFAULT_STREAMS = 8
 _BLOCK_SALT = 0xB10C  # keeps the block order and the round shuffles on separate rng streams
 _BUFFER_SALT = 0x5EED
+# A split this small is read from its files once and kept in memory, and its epochs are cut
+# in the calling thread: per epoch, opening the files and starting reader threads would cost
+# more than reading the rows.
+RESIDENT_BYTES = 32 << 20
 _POOL_BUFFERS = 4  # buffers kept for reuse: the prefetch queue's batches span at most about three
 
 
@@ -272,6 +280,8 @@ class ShardLoader:
         self.batches_done = 0  # batches handed out in the current epoch
         self._resume_pending = False
         self._active: Optional[weakref.ref] = None
+        self._resident: Optional[ResidentReader] = None
+        self.resident = self.dataset.rows(split) * _row_bytes(self.meta) <= RESIDENT_BYTES
 
     @classmethod
     def from_config(cls, data_cfg: Any, split: str, *, rank: int, world_size: int, seed: int,
@@ -325,9 +335,17 @@ class ShardLoader:
         first = self.batches_done if self._resume_pending else 0
         self._resume_pending = False
         self.batches_done = first
-        it = EpochIterator(self, self.plan(), first, self.prefetch)
+        it = EpochIterator(self, self.plan(), first, 0 if self.resident else self.prefetch)
         self._active = weakref.ref(it)
         return it
+
+    def reader(self) -> "ShardReader | ResidentReader":
+        """Where an epoch reads its rows: the files, or the split's rows kept in memory."""
+        if not self.resident:
+            return ShardReader(self.dataset, self.split)
+        if self._resident is None:
+            self._resident = ResidentReader(self.dataset, self.split)
+        return self._resident
 
     def close(self) -> None:
         """Stop the running iteration (its prefetch thread) and close its files."""
@@ -439,6 +457,7 @@ class _BatchProducer:
     def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
                  read_ahead: bool):
         self.dataset, self.split, self.plan = loader.dataset, loader.split, plan
+        self.open_reader = loader.reader
         self.first_batch, self.read_ahead = first_batch, read_ahead
         self.buffer_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
         self.pin = loader.device.type == "cuda"
@@ -465,7 +484,7 @@ class _BatchProducer:
         plan = self.plan
         if self.first_batch >= plan.batches:
             return
-        reader = ShardReader(self.dataset, self.split)  # opened in the thread that reads
+        reader = self.open_reader()  # files open in the thread that reads
         try:
             for j in range(self.first_batch // plan.round_batches, plan.rounds):
                 rnd = plan.round(j)
@@ -534,6 +553,41 @@ class _BatchProducer:
         else:
             arrays = [np.empty(shape, dtype=dt) for shape, dt in shapes]
         return tuple(arrays) + ((None,) if not self.has_weights else ())
+
+
+def _row_bytes(meta) -> int:
+    targets = meta.n_targets if meta.task == "regression" else 2  # regression: float32 each; else one int64
+    return 4 * (meta.n_features + targets + (1 if meta.has_weights else 0))
+
+
+class ResidentReader:
+    """A split's rows, read once from its files into memory, with ShardReader's ``read``."""
+
+    def __init__(self, dataset: Dataset, split: str):
+        files = ShardReader(dataset, split)
+        self.parts: list[tuple] = []
+        meta = dataset.meta
+        y_shape, y_dtype = ((meta.n_targets,), np.float32) if meta.task == "regression" else ((), np.int64)
+        try:
+            for index, info in enumerate(files.shards):
+                x = np.empty((info.rows, meta.n_features), np.float32)
+                y = np.empty((info.rows,) + y_shape, y_dtype)
+                w = np.empty(info.rows, np.float32) if meta.has_weights else None
+                files.read(index, 0, info.rows, x, y, w)
+                self.parts.append((x, y, w))
+        finally:
+            files.close()
+
+    def read(self, shard: int, start: int, stop: int, x_out: np.ndarray, y_out: np.ndarray,
+             w_out: Optional[np.ndarray] = None) -> None:
+        n = stop - start
+        x, y, w = self.parts[shard]
+        x_out[:n], y_out[:n] = x[start:stop], y[start:stop]
+        if w_out is not None and w is not None:
+            w_out[:n] = w[start:stop]
+
+    def close(self) -> None:
+        """Nothing to close: the rows stay for the next epoch."""
 
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}

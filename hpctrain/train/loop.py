@@ -4,6 +4,10 @@ Read top to bottom: ``fit`` resumes (or seeds), then runs epochs; an epoch is a 
 ``_train_step`` followed by ``_step_boundary`` (stop flag, divergence, step/time
 checkpoints, max_steps, agreed across ranks), and ends in ``_end_epoch`` (metrics,
 validation, schedule, best/early stopping, metrics.csv, checkpoints, one log line).
+Its parts live beside it: ``checkpoint.CheckpointManager`` (when a checkpoint is due,
+saving, loading, RNG states), ``run_log`` (metrics.csv and timing.csv rows, the log line,
+the progress bar), ``step.TrainStep`` (one optimizer step). The trainer owns the state a
+checkpoint holds (``_payload`` and ``_restore``).
 
 Exact resume: a checkpoint holds everything a step depends on (weights, optimizer,
 schedule, early stopping, the loader position, every rank's RNG states and its partial
@@ -18,14 +22,12 @@ the loss; a step's metric inputs are kept as references and reduced once per epo
 """
 from __future__ import annotations
 
-import copy
-import io
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,18 +38,24 @@ from ..config import Config, base_dict
 from ..errors import DataError
 from ..fsutil import atomic_write_text
 from ..monitor import better_mode
-from ..tempfiles import remove_stale_temp_files
-from . import checkpoint as ckpt
+from .checkpoint import CheckpointManager, gather_objects, restore_rng, rng_state, seed_all
 from .extra_metrics import ExtraMetrics, check_metrics, describe_confusion, metric_keys
 from .losses import MetricSums, build_loss, check_monitor, metric_names
 from .optim import build_optimizer, build_schedule, set_lr
+from .run_log import MetricRows, ProgressBar, RunLog, epoch_line, parse_metrics_csv, timing_line
 from .step import TrainStep, to_device
 
-TIMING_COLUMNS = ("epoch", "epoch_time_s", "samples_per_s", "elapsed_s")
 # Steps between divergence checks: on CPU a check is a cheap read; on a GPU it would
 # stall the stream, so it happens every few dozen steps (and before any checkpoint).
 CHECK_EVERY = {"cpu": 1}
 CHECK_EVERY_DEVICE = 50
+
+
+class Event(Enum):
+    """What ends an epoch early, decided the same way on every rank at a step boundary."""
+    STOP = "stop"              # a stop request (signal): save last.pt and end preempted
+    DIVERGED = "diverged"      # a non-finite loss: end without a checkpoint
+    MAX_STEPS = "max_steps"    # train.max_steps reached: end the epoch as usual, then the run
 
 
 @dataclass
@@ -199,7 +207,7 @@ class Trainer:
         self.batch_in_epoch = 0   # steps taken in the current, unfinished epoch
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
-        self.rows: list[dict] = []
+        self.rows = MetricRows()
         self.elapsed_before = 0.0  # wall time of earlier attempts of this run
         self.train_sums = MetricSums(self.task, self.device, self.extra)
         self._best_state: Optional[dict] = None
@@ -207,8 +215,9 @@ class Trainer:
         self._lr: Optional[float] = None
         self._samples = 0
         self._train_time = 0.0
-        self._last_ckpt_time = time.monotonic()
-        self._show_progress = backend.is_root and sys.stderr.isatty()
+        self.checkpoints = CheckpointManager(self.run_dir, backend, tc, log)
+        self.progress_bar = ProgressBar(backend.is_root and sys.stderr.isatty())
+        self.run_log = RunLog(self.run_dir if backend.is_root else None)
 
     # ------------------------------------------------------------------ fit
 
@@ -216,11 +225,21 @@ class Trainer:
         t0 = time.monotonic()
         self._t0 = t0
         resumed = self._resume_or_seed()
+        self.run_log.restart(self.rows.text(), self.epoch)  # drops rows of epochs after the checkpoint
+        try:
+            return self._fit(resumed, t0)
+        finally:
+            self.run_log.close()
+            self._wait_quietly()
+
+    def _fit(self, resumed: Optional[str], t0: float) -> FitResult:
         self.backend.broadcast_state(self.model, self.optimizer)
         self._report("running", f"resumed from {resumed}" if resumed else "")
         if self.overfit_batches:
             self._overfit_start = self._evaluate(self.val_loader, "val")["val_loss"]
         outcome, message = self._run_epochs()
+        self.checkpoints.wait()  # the run's end is reported with its checkpoints and rows on disk
+        self.run_log.sync()
         result = FitResult(outcome, self.epoch, self.step, self.best_metric, self.best_epoch, message,
                            resumed_from=resumed)
         if outcome == "done" and self.overfit_batches:
@@ -243,9 +262,9 @@ class Trainer:
                 return "pruned", verdict
         while self.epoch < tc.epochs and not self._max_steps_reached():
             event, detail = self._train_epoch()
-            if event == "diverged":
+            if event is Event.DIVERGED:
                 return "diverged", detail
-            if event == "stop":
+            if event is Event.STOP:
                 self._save(last=True)
                 where = f"epoch {self.epoch + 1}, step {self.step}"
                 return "preempted", f"stopped by {detail} at {where}; saved last.pt"
@@ -263,13 +282,21 @@ class Trainer:
             return "done", f"reached train.max_steps={tc.max_steps} at epoch {self.epoch}"
         return "done", f"finished {self.epoch} epochs"
 
+    def _wait_quietly(self) -> None:
+        """Let checkpoint writes finish and their thread end; when fit ends by an error, that
+        error must not be masked by one of a write."""
+        try:
+            self.checkpoints.close()
+        except Exception as e:  # noqa: BLE001  already reported, or masked by the error in flight
+            self.log(f"warning: writing a checkpoint failed: {e}")
+
     def _max_steps_reached(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
 
     # ------------------------------------------------------------------ one epoch
 
-    def _train_epoch(self) -> tuple[Optional[str], str]:
-        """Steps until the loader is exhausted or an event: (None | stop | diverged | max_steps, detail)."""
+    def _train_epoch(self) -> tuple[Optional[Event], str]:
+        """Steps until the loader is exhausted or an event: (None or the event, detail)."""
         loader = self.train_loader
         if self.batch_in_epoch == 0:
             loader.set_epoch(self.epoch)
@@ -285,8 +312,8 @@ class Trainer:
                 samples += self._train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                if self._show_progress:
-                    self._progress(n_batches)
+                if self.progress_bar.enabled:
+                    self.progress_bar.show(self.epoch + 1, self.batch_in_epoch, n_batches, self._last_loss)
                 event, detail = self._step_boundary()
                 if event:
                     break
@@ -297,12 +324,11 @@ class Trainer:
         self._train_time += elapsed
         self._epoch_train_time = elapsed
         self._epoch_samples = samples
-        if self._show_progress:
-            sys.stderr.write("\r\033[K")
-        if event in (None, "max_steps"):
+        self.progress_bar.clear()
+        if event in (None, Event.MAX_STEPS):
             bad = self._divergence()         # the steps since the last check
             if self._agree(False, bad, False)[1]:
-                return "diverged", bad or f"loss is not finite on another rank in epoch {self.epoch + 1}"
+                return Event.DIVERGED, bad or f"loss is not finite on another rank in epoch {self.epoch + 1}"
             return None, ""
         return event, detail
 
@@ -317,24 +343,22 @@ class Trainer:
         self._pending_losses.append(loss.detach())
         return len(x)
 
-    def _step_boundary(self) -> tuple[Optional[str], str]:
+    def _step_boundary(self) -> tuple[Optional[Event], str]:
         """Decide, the same way on every rank, whether to stop, checkpoint or go on."""
-        tc = self.cfg.train
         if self.backend.size > 1 and not self._sync_step():
             return None, ""
         bad = self._divergence() if len(self._pending_losses) >= self.check_every else None
         stop = bool(self.stop_flag is not None and self.stop_flag.requested)
-        due = ((tc.checkpoint_every_steps is not None and self.step % tc.checkpoint_every_steps == 0)
-               or time.monotonic() - self._last_ckpt_time >= tc.checkpoint_every_s)
+        due = self.checkpoints.due_at_step(self.step)
         stop, diverged, due = self._agree(stop, bad, due)
         if diverged:
-            return "diverged", bad or f"loss is not finite on another rank at epoch {self.epoch + 1}, step {self.step}"
+            return Event.DIVERGED, bad or f"loss is not finite on another rank at epoch {self.epoch + 1}, step {self.step}"
         if stop:
-            return "stop", getattr(self.stop_flag, "signal_name", None) or "a stop request"
+            return Event.STOP, getattr(self.stop_flag, "signal_name", None) or "a stop request"
         if due and self.batch_in_epoch < len(self.train_loader):
             self._save(last=True)
         if self._max_steps_reached():
-            return "max_steps", ""
+            return Event.MAX_STEPS, ""
         return None, ""
 
     def _sync_step(self) -> bool:
@@ -400,7 +424,7 @@ class Trainer:
         stop_early = self.early.update(value)
         row = {"epoch": self.epoch, "step": self.step, "lr": self._lr if self._lr is not None else 0.0}
         row.update(_ordered(metrics, self.metric_keys, has_val=self.val_loader is not None))
-        self.rows.append(row)
+        row_text = self.rows.append(row)
         passed = bool(self.overfit_batches) and self._overfit_reached(metrics)
         # Decided before the checkpoint, so a run restarted from it finds the decision recorded.
         verdict = self._verdict(metrics)
@@ -409,10 +433,8 @@ class Trainer:
         final = (self.epoch >= self.cfg.train.epochs or stop_early or passed or self._max_steps_reached()
                  or verdict is not None)
         elapsed = self.elapsed_before + time.monotonic() - self._t0
-        self._write_epoch_files(f"{self.epoch},{self._epoch_train_time:.4f},{self._epoch_speed():.1f},{elapsed:.3f}")
-        last_due = (self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or final
-                    or time.monotonic() - self._last_ckpt_time >= self.cfg.train.checkpoint_every_s)
-        self._save(last=last_due, best=improved)
+        self.run_log.append(row_text, timing_line(self.epoch, self._epoch_train_time, self._epoch_speed(), elapsed))
+        self._save(last=self.checkpoints.due_at_epoch(self.epoch, final), best=improved)
         self._log_epoch(metrics)
         self._report("running")
         return None, stop_early, passed, verdict
@@ -476,7 +498,9 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "rng": [g["rng"] for g in gathered],
             "train_sums": [g["train_sums"] for g in gathered] if mid_epoch else None,
-            "metrics": copy.deepcopy(self.rows),
+            # As metrics.csv's text: one string, where a list of dicts costs a Python call per
+            # value to digest and to pickle.
+            "metrics": self.rows.text(),
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "monitor": self.monitor},
             "world_size": self.backend.size,
             "elapsed_s": self.elapsed_before + time.monotonic() - self._t0,
@@ -488,32 +512,12 @@ class Trainer:
         return payload
 
     def _save(self, last: bool = False, best: bool = False) -> None:
-        if last:
-            self._last_ckpt_time = time.monotonic()
-        if not (last or best) or self.run_dir is None:
-            return
-        payload = self._payload()
-        if not self.backend.is_root:
-            return
-        data = ckpt.serialize(payload)
-        folder = self.run_dir / "checkpoints"
-        if best:
-            ckpt.write_checkpoint(folder / ckpt.BEST, data)
-        if last:
-            ckpt.write_checkpoint(folder / ckpt.LAST, data, keep_previous=True, log=self.log)
+        self.checkpoints.save(self._payload, last=last, best=best)
 
     def _resume_or_seed(self) -> Optional[str]:
         """Load the newest good checkpoint of run_dir (rank 0 reads, every rank receives it),
         or seed the RNGs for a fresh run. Returns the checkpoint's file name or None."""
-        name, payload = None, None
-        if self.run_dir is not None:
-            if self.backend.is_root:
-                folder = self.run_dir / "checkpoints"
-                folder.mkdir(parents=True, exist_ok=True)
-                remove_stale_temp_files(folder, log=self.log)  # left by a writer killed mid-save
-                name, payload, _ = ckpt.load_latest(folder, log=self.log)
-            if self.backend.size > 1:
-                name, payload = self.backend.broadcast_object((name, payload))
+        name, payload = self.checkpoints.resume()
         if payload is None:
             seed_all(self.cfg.seed + 1000 * (self.backend.rank + 1))
             return None
@@ -532,28 +536,19 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = int(p["epoch"]), int(p["step"]), int(p["batch_in_epoch"])
         self.best_metric, self.best_epoch = p["best"]["metric"], p["best"]["epoch"]
         self._lr = p.get("lr")   # the optimizer's param groups hold it too (loaded above)
-        self.rows = list(p["metrics"])
+        rows = p["metrics"]
+        self.rows = MetricRows(parse_metrics_csv(rows) if isinstance(rows, str) else rows)  # older checkpoints: a list
         self.elapsed_before = float(p.get("elapsed_s", 0.0))
         same_world = int(p["world_size"]) == self.backend.size
         if not same_world:
             self.log(f"the checkpoint was written by {p['world_size']} ranks, this run has {self.backend.size}: "
                      f"under the same global batch the epoch's order continues where it stopped, and the "
                      f"results match an uninterrupted run up to floating-point summation order")
-        self._restore_rng(p["rng"])
+        restore_rng(p["rng"], self.backend.rank, self.cfg.seed, self.step)
         self.train_sums = MetricSums(self.task, self.device, self.extra)
         if self.batch_in_epoch:
             self.train_loader.load_state_dict(p["loader"])
             self._restore_train_sums(p["train_sums"], same_world)
-        self._write_epoch_files()  # drops rows of epochs after the checkpoint
-
-    def _restore_rng(self, saved: list) -> None:
-        """Rank r takes up rank r's RNG states of the checkpoint; a rank the checkpoint did not
-        have seeds its own from the step, so that resuming twice from one checkpoint agrees."""
-        rank = self.backend.rank
-        if rank < len(saved):
-            set_rng_state(saved[rank])
-        else:
-            seed_all(self.cfg.seed + 1000 * (rank + 1) + self.step)
 
     def _restore_train_sums(self, parts: list, same_world: bool) -> None:
         """The partial epoch's sums: each rank its own, or, on another world size, all of them
@@ -565,19 +560,6 @@ class Trainer:
             self.train_sums.load_state_dict(_merge_sums(parts))
 
     # ------------------------------------------------------------------ files and state
-
-    def _write_epoch_files(self, timing_line: Optional[str] = None) -> None:
-        """metrics.csv from the rows (so a resume rewrites exactly the rows of its checkpoint)
-        and timing.csv without rows past the current epoch, plus ``timing_line`` for it."""
-        if self.run_dir is None or not self.backend.is_root:
-            return
-        atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(self.rows))
-        timing = self.run_dir / "timing.csv"
-        keep_upto = self.epoch - 1 if timing_line else self.epoch
-        lines = [ln for ln in _read_lines(timing)[1:] if ln and int(ln.split(",")[0]) <= keep_upto]
-        if timing_line:
-            lines.append(timing_line)
-        atomic_write_text(timing, ",".join(TIMING_COLUMNS) + "\n" + "".join(ln + "\n" for ln in lines))
 
     def _epoch_speed(self) -> float:
         t = self._epoch_train_time
@@ -598,36 +580,19 @@ class Trainer:
         if not self.backend.is_root:
             return
         split = "val" if self.val_loader is not None else "train"
-        parts = [f"epoch {self.epoch}/{self.cfg.train.epochs}", f"train_loss {metrics['train_loss']:.4f}"]
-        if "val_loss" in metrics:
-            parts.append(f"val_loss {metrics['val_loss']:.4f}")
-        parts += [f"{split}_{m} {metrics[f'{split}_{m}']:.4f}" for m in self.metric_keys]
         elapsed = self.elapsed_before + time.monotonic() - self._t0
-        parts += [f"lr {self._lr or 0.0:.3g}", f"{self._epoch_speed():,.0f} samples/s", f"{elapsed:.1f}s"]
-        self.log("  ".join(parts))
+        self.log(epoch_line(self.epoch, self.cfg.train.epochs, metrics, self.metric_keys, split, self._lr,
+                            self._epoch_speed(), elapsed))
 
-    def _progress(self, n_batches: int) -> None:
-        now = time.monotonic()
-        if now - getattr(self, "_progress_at", 0.0) < 0.25 and self.batch_in_epoch < n_batches:
-            return
-        self._progress_at = now
-        done = self.batch_in_epoch / max(1, n_batches)
-        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-        loss = self._pending_losses[-1].item() if self._pending_losses else float("nan")
-        sys.stderr.write(f"\r  epoch {self.epoch + 1} [{bar}] {self.batch_in_epoch}/{n_batches} loss {loss:.4f}")
-        sys.stderr.flush()
+    def _last_loss(self) -> float:
+        return self._pending_losses[-1].item() if self._pending_losses else float("nan")
 
     # ------------------------------------------------------------------ test split and overfit check
 
     def _evaluate_best_on_test(self) -> dict[str, float]:
         state = self._best_state
-        if state is None and self.run_dir is not None and self.best_epoch is not None:
-            payload = None
-            if self.backend.is_root:
-                _, payload, _ = ckpt.load_latest(self.run_dir / "checkpoints", names=(ckpt.BEST,), log=self.log)
-            if self.backend.size > 1:
-                payload = self.backend.broadcast_object(payload)
-            state = payload["model"] if payload is not None else None
+        if state is None and self.best_epoch is not None:
+            state = self.checkpoints.best_weights()
         if state is not None:
             self.raw_model.load_state_dict(state)
         else:
@@ -659,24 +624,6 @@ class Trainer:
 # ---------------------------------------------------------------------- helpers
 
 
-def metrics_csv(rows: list[dict]) -> str:
-    """metrics.csv text: exact float reprs, so equal numbers always give equal bytes."""
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    lines = [",".join(columns)]
-    lines += [",".join(_cell(row.get(c)) for c in columns) for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def _ordered(metrics: dict, keys: tuple[str, ...], has_val: bool) -> dict:
     out = {"train_loss": metrics["train_loss"], **{f"train_{k}": metrics[f"train_{k}"] for k in keys}}
     if has_val:
@@ -689,13 +636,6 @@ def _close(iterator) -> None:
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
 
 
 def _fixed_batches(loader, n: int) -> FixedBatches:
@@ -723,58 +663,3 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-# ---------------------------------------------------------------------- RNG and gathering
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Python, NumPy, torch and CUDA generator states as plain types and tensors."""
-    version, py_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": {"version": version, "state": list(py_state), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def gather_objects(backend, obj: Any) -> list:
-    """Every rank's ``obj`` (plain types and tensors), in rank order, on every rank.
-
-    Built on ``allreduce_sum`` alone: each rank serialises its object and writes the bytes
-    into its own slice of a zero vector; the sum is every rank's bytes side by side.
-    """
-    if backend.size == 1:
-        return [obj]
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-    sizes = torch.zeros(backend.size, dtype=torch.float64)
-    sizes[backend.rank] = len(data)
-    sizes = backend.allreduce_sum(sizes).to(torch.int64).tolist()
-    offsets = [sum(sizes[:r]) for r in range(backend.size)]
-    full = torch.zeros(sum(sizes), dtype=torch.float64)
-    full[offsets[backend.rank]:offsets[backend.rank] + len(data)] = data.to(torch.float64)
-    full = backend.allreduce_sum(full).to(torch.uint8)
-    return [torch.load(io.BytesIO(full[o:o + s].numpy().tobytes()), weights_only=True)
-            for o, s in zip(offsets, sizes)]

@@ -8,11 +8,16 @@ into memory, trains the same model on the same batches and validates every epoch
 nothing. Runs are interleaved so the machine's drift hits both alike; medians of the
 per-pair ratios are printed. Goal: hpctrain <= 1.15x the plain loop at 200 epochs.
 
-    .venv/bin/python scripts/bench/small_data.py [--epochs 200] [--repeats 5]
+    .venv/bin/python scripts/bench/small_data.py [--epochs 200] [--repeats 5] [--baseline DIR]
+
+``--baseline DIR`` adds a third process to each pair: ``hpctrain run`` imported from the
+source tree DIR (e.g. ``git archive HEAD | tar -x -C DIR``), so a change is measured
+against the code before it in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -80,9 +85,10 @@ def write_config(folder: Path, data: Path, epochs: int) -> Path:
     return config
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
+def timed(cmd: list[str], cwd: Path, source: str | None = None) -> float:
+    env = dict(os.environ, PYTHONPATH=source) if source else None
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=cwd)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=cwd, env=env)
     return time.perf_counter() - start
 
 
@@ -90,28 +96,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--baseline", help="a source tree of hpctrain to time as well (interleaved)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpctrain-small-") as tmp:
         folder = Path(tmp)
         data = make_data(folder)
         (folder / "plain.py").write_text(PLAIN)
-        ratios, hp_times, plain_times = [], [], []
+        ratios, hp_times, plain_times, base_ratios, base_times = [], [], [], [], []
+        one_base = 0.0
         for epochs in (1, args.epochs):
             config = write_config(folder, data, epochs)
             for repeat in range(args.repeats):
                 sweep = folder / f"sweep-{epochs}-{repeat}"
                 hp = timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir", str(sweep)], folder)
                 plain = timed([sys.executable, str(folder / "plain.py"), str(data), str(epochs)], folder)
+                base = 0.0
+                if args.baseline:
+                    base = timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir",
+                                  str(sweep) + "-base"], folder, source=str(Path(args.baseline).resolve()))
                 if epochs == args.epochs:
                     hp_times.append(hp), plain_times.append(plain), ratios.append(hp / plain)
+                    base_times.append(base), base_ratios.append(base / plain)
                 else:
-                    one_hp, one_plain = hp, plain
+                    one_hp, one_plain, one_base = hp, plain, base
         hp_med, plain_med = statistics.median(hp_times), statistics.median(plain_times)
         per_epoch_hp = (hp_med - one_hp) / (args.epochs - 1) * 1000
         per_epoch_plain = (plain_med - one_plain) / (args.epochs - 1) * 1000
         print(f"{args.epochs} epochs, median of {args.repeats}: hpctrain run {hp_med:.2f} s, plain loop "
               f"{plain_med:.2f} s; ratio {statistics.median(ratios):.3f} (goal <= 1.15)")
         print(f"per epoch (from the 1-epoch runs): hpctrain {per_epoch_hp:.1f} ms, plain {per_epoch_plain:.1f} ms")
+        if args.baseline:
+            base_med = statistics.median(base_times)
+            per_epoch_base = (base_med - one_base) / (args.epochs - 1) * 1000
+            print(f"baseline {args.baseline}: {base_med:.2f} s, ratio {statistics.median(base_ratios):.3f}, "
+                  f"per epoch {per_epoch_base:.1f} ms")
 
 
 if __name__ == "__main__":

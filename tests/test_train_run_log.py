@@ -76,6 +76,17 @@ def test_throttled_passes_transitions_the_first_epoch_and_one_epoch_report_per_p
                                                    ("done", None)]
 
 
+def test_a_fresh_run_shows_its_first_epoch_at_once():
+    """A fresh start reports "running" with no message: its first epoch must still pass."""
+    seen, now = [], [0.0]
+    listen = Throttled(seen.append, every_s=10.0, clock=lambda: now[0])
+    listen(_progress())
+    for t in (0.5, 1.0, 1.5):
+        now[0] = t
+        listen(_progress(epoch=t))
+    assert [p.epoch for p in seen] == [None, 0.5]
+
+
 def test_a_checkpoint_this_process_wrote_is_retired_without_reading_it_back(tmp_path, monkeypatch):
     path = tmp_path / ckpt.LAST
     ckpt.save_checkpoint(path, {"model": {"w": torch.ones(2)}})

@@ -204,13 +204,15 @@ class Throttled:
 
     def __init__(self, listener: Callable[[Any], Any], every_s: float, clock: Callable[[], float] = time.monotonic):
         self.listener, self.every_s, self.clock = listener, every_s, clock
-        self._last: Optional[float] = None
-        self._last_routine = False
+        self._last = 0.0
+        self._status: Optional[str] = None
+        self._epoch_passed = False  # an epoch report passed since the last transition
 
     def __call__(self, progress: Any) -> None:
         now = self.clock()
-        routine = progress.status == "running" and not progress.message
-        if routine and self._last_routine and now - self._last < self.every_s:
+        transition = progress.status != self._status or bool(progress.message)
+        if not transition and self._epoch_passed and now - self._last < self.every_s:
             return
-        self._last, self._last_routine = now, routine
+        self._epoch_passed = not transition
+        self._status, self._last = progress.status, now
         self.listener(progress)

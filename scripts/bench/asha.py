@@ -1,7 +1,8 @@
 """Successive halving and random search against the plain grid, measured in one run.
 
 1. ASHA: a 27-point grid (3 lr x 3 widths x 3 weight decays, 27 epochs each) on a synthetic
-   task, once in full and once with ``prune: {kind: asha, min_epochs: 1, reduction: 3}``.
+   task, once in full and once with ``prune: {kind: asha, min_epochs: 3, reduction: 3}``
+   (rungs at epochs 3 and 9; ``--min-epochs``).
    Printed: the epochs the ASHA sweep trained as a fraction of the full sweep's (goal <= 0.35),
    and its best run's monitored value against the full sweep's best (goal: same run, or
    within 1 %).
@@ -10,7 +11,7 @@
    optim.momentum, ReLU ignores model.leaky_slope), for 5 seeds. Printed:
    each seed's best val_loss of both, and how often random is at least as good (goal 5/5).
 
-    .venv/bin/python scripts/bench/asha.py [--executor local|slurm] [--skip-random]
+    .venv/bin/python scripts/bench/asha.py [--executor local|slurm] [--skip-random] [--min-epochs 3]
 
 Sweeps run through ``hpctrain submit`` (local executor: elements as processes, two at a
 time; ``--executor slurm``: the local Slurm cluster, SLURM_CONF set). The random-search
@@ -81,11 +82,11 @@ def outcome(sweep: Path) -> dict:
     return {"epochs": epochs, "best_index": best[0], "best": best[1], "states": states}
 
 
-def asha(folder: Path, executor: str) -> dict:
+def asha(folder: Path, executor: str, min_epochs: int) -> dict:
     data = folder / "data-asha"
     full = outcome(submit(base("full", data, 27, grid=GRID), folder, executor))
     pruned = outcome(submit(base("asha", data, 27, grid=GRID,
-                                 prune={"kind": "asha", "min_epochs": 1, "reduction": 3}), folder, executor))
+                                 prune={"kind": "asha", "min_epochs": min_epochs, "reduction": 3}), folder, executor))
     if set(full["states"]) != {"done"}:
         raise SystemExit(f"the full sweep did not end done: {full['states']}")
     fraction = pruned["epochs"] / full["epochs"]
@@ -119,10 +120,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--skip-random", action="store_true")
+    p.add_argument("--min-epochs", type=int, default=3, help="the first rung (default 3: rungs 3 and 9 of 27)")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpctrain-asha-") as tmp:
-        results = {"asha": asha(Path(tmp), args.executor)}
+        results = {"asha": asha(Path(tmp), args.executor, args.min_epochs)}
         if not args.skip_random:
             results["random"] = random_vs_grid(Path(tmp))
     if args.json:

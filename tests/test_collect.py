@@ -337,7 +337,7 @@ def test_command_prints_table_and_warnings(sweep_dir, capsys):
 
 
 def test_tensorboard_event_files_parse_back(sweep_dir, tmp_path):
-    loader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator as loader
     from tensorboard.plugins.hparams import metadata
 
     root, _ = sweep_dir
@@ -366,7 +366,6 @@ def test_tensorboard_event_files_parse_back(sweep_dir, tmp_path):
 
 
 def test_tensorboard_files_are_identical_on_every_collect(sweep_dir, tmp_path):
-    pytest.importorskip("tensorboard")
     root, _ = sweep_dir
     collect(root, plots=False, tensorboard=tmp_path / "tb")
     first = {p: p.read_bytes() for p in (tmp_path / "tb").rglob("events.*")}

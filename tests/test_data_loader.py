@@ -352,6 +352,29 @@ def test_a_batch_kept_by_the_caller_is_never_overwritten(data):
     assert len(rest) == len(ld) - 1
 
 
+@pytest.mark.parametrize("holder", ["targets only", "autograd graph only"])
+def test_a_buffer_is_not_refilled_while_anything_still_refers_to_its_rows(data, holder):
+    # The caller keeps only y, or only the graph that saved x for backward (no Python
+    # reference to x at all): the rows must stay as they were until that reference is gone.
+    ld = loader(data, prefetch=2, batch_size=8, block_rows=4, buffer_blocks=2, limit_rows=None)
+    it = iter(ld)
+    first = next(it)
+    if holder == "targets only":
+        kept, want = first.y, first.y.clone()
+    else:
+        weight = torch.ones(first.x.shape[1], requires_grad=True)
+        kept = (first.x * weight).sum()  # saves x for the gradient of weight
+        want = first.x.sum(dim=0).clone()
+    del first
+    for _ in it:  # many rounds later: every other buffer has been refilled
+        pass
+    if holder == "targets only":
+        assert torch.equal(kept, want)
+    else:
+        kept.backward()
+        assert torch.equal(weight.grad, want)
+
+
 def test_a_small_split_is_read_from_its_files_once(data, reading, monkeypatch):
     opened = []
     real = loader_module.ShardReader.read

@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import math
 import queue
-import sys
 import threading
 import warnings
 import weakref
@@ -465,8 +464,8 @@ class _BatchProducer:
         self.n_features, self.has_weights = meta.n_features, meta.has_weights
         self.y_dtype = np.float32 if meta.task == "regression" else np.int64
         self.y_tail = (meta.n_targets,) if meta.task == "regression" else ()
-        self._read_pool: list[tuple] = []  # rounds read from the files
-        self._batch_pool: list[tuple] = []  # gathered rounds that batches are views of
+        self._read_pool = _BufferPool(lambda: self._arrays(self.buffer_rows, self.pin and not plan.gathers))
+        self._batch_pool = _BufferPool(lambda: self._arrays(self.buffer_rows, self.pin))  # gathered rounds
         self.scale = None
         if loader.standardize:
             mean, inv_std = standardization(meta)
@@ -480,7 +479,8 @@ class _BatchProducer:
             rounds.close()
 
     def _read_rounds(self) -> Iterator[tuple]:
-        """(round index, its plan, its rows read from the files) for each round left in the epoch."""
+        """(round index, its plan, a lease of its rows read from the files) for each round left
+        in the epoch; the consumer closes the lease."""
         plan = self.plan
         if self.first_batch >= plan.batches:
             return
@@ -488,13 +488,9 @@ class _BatchProducer:
         try:
             for j in range(self.first_batch // plan.round_batches, plan.rounds):
                 rnd = plan.round(j)
-                # Without a gather, batches are views of the rows read: pin them for a GPU.
-                arrays = _from_pool(self._read_pool,
-                                    lambda: self._arrays(self.buffer_rows, self.pin and not plan.gathers),
-                                    sum(rnd.batch_rows))
-                self._fill(reader, rnd.segments, arrays)
-                yield j, rnd, arrays
-                del arrays  # so the pool sees the buffer free once the batches are done with it
+                lease = self._read_pool.lend()  # without a gather, batches are views of these rows
+                self._fill(reader, rnd.segments, lease.arrays)
+                yield j, rnd, lease
         finally:
             reader.close()
 
@@ -505,24 +501,28 @@ class _BatchProducer:
         still in the CPU cache: one pass over memory, not two.
         """
         for j, rnd, raw in rounds:
-            dest = raw
-            if rnd.order is not None:
-                dest = _from_pool(self._batch_pool, lambda: self._arrays(self.buffer_rows, self.pin), len(raw[0]))
-            k, end = j * self.plan.round_batches, 0
-            for rows in rnd.batch_rows:
-                lo, end, k = end, end + rows, k + 1
-                if k <= self.first_batch:  # resumed: batches of this round already trained on
-                    continue
-                if rnd.order is not None:
-                    for out, src in zip(dest, raw):
-                        if out is not None:
-                            # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
-                            src.take(rnd.order[lo:end], axis=0, out=out[lo:end], mode="clip")
-                # One tensor per batch, not views of one buffer tensor: views share autograd's
-                # version counter, and standardising the next batch in place would then
-                # invalidate the input the current step saved for its backward pass.
-                yield self._standardize(tuple(None if a is None else torch.from_numpy(a[lo:end]) for a in dest))
-            del raw, dest
+            dest = raw if rnd.order is None else self._batch_pool.lend()
+            try:
+                k, end = j * self.plan.round_batches, 0
+                for rows in rnd.batch_rows:
+                    lo, end, k = end, end + rows, k + 1
+                    if k <= self.first_batch:  # resumed: batches of this round already trained on
+                        continue
+                    batch = dest.rows(lo, end)
+                    if rnd.order is not None:
+                        for out, src in zip(batch, raw.arrays):
+                            if out is not None:
+                                # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
+                                src.take(rnd.order[lo:end], axis=0, out=out, mode="clip")
+                    # One tensor per batch, not views of one buffer tensor: views share autograd's
+                    # version counter, and standardising the next batch in place would then
+                    # invalidate the input the current step saved for its backward pass.
+                    yield self._standardize(tuple(None if a is None else torch.from_numpy(a) for a in batch))
+                    del batch
+            finally:
+                raw.close()
+                if dest is not raw:
+                    dest.close()
 
     def _standardize(self, batch: tuple) -> tuple:
         if self.scale is not None:
@@ -593,22 +593,79 @@ class ResidentReader:
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
 
 
-def _from_pool(pool: list[tuple], make: Callable[[], tuple], rows: int) -> tuple:
-    """Views of the first ``rows`` rows of a pooled set of arrays that nothing else refers to.
+class _BufferPool:
+    """Sets of x, y, w arrays reused from round to round, lent out one round at a time.
 
-    Batches are views of a buffer and a caller may keep one as long as it likes, so a
-    buffer is reused only when nothing but the pool refers to it (the views handed out
-    hold references to it). Reuse keeps the loader's memory a fixed handful of buffers,
-    whatever the allocator does with memory freed in another thread, and spares the page
-    faults of fresh multi-megabyte allocations.
+    Reuse keeps the loader's memory a fixed handful of buffers, whatever the allocator does
+    with memory freed in another thread, and spares the page faults of fresh multi-megabyte
+    allocations. At most ``keep`` sets are made for reuse; when all of them are lent, a
+    set is made for that round only.
     """
-    for arrays in pool:
-        if all(a is None or sys.getrefcount(a) == 3 for a in arrays):  # the tuple, ``a``, the call
-            return tuple(None if a is None else a[:rows] for a in arrays)
-    arrays = make()
-    if len(pool) < _POOL_BUFFERS:
-        pool.append(arrays)
-    return tuple(None if a is None else a[:rows] for a in arrays)
+
+    def __init__(self, make: Callable[[], tuple], keep: int = _POOL_BUFFERS):
+        self._make, self._keep, self._made = make, keep, 0
+        self._free: collections.deque = collections.deque()  # appended to by other threads
+        self._lent: set = set()  # keeps each lease, and so its weak references, alive until it is back
+
+    def lend(self) -> "_Lease":
+        try:
+            arrays = self._free.pop()
+        except IndexError:
+            if self._made >= self._keep:
+                return _Lease(self._make(), None)
+            self._made += 1
+            arrays = self._make()
+        lease = _Lease(arrays, self)
+        self._lent.add(lease)
+        return lease
+
+    def _take_back(self, lease: "_Lease") -> None:
+        self._lent.discard(lease)
+        self._free.append(lease.arrays)
+
+
+class _Lease:
+    """One round's arrays, lent by a _BufferPool; views of them are cut through ``rows``.
+
+    Batches are views of the buffer, and whoever holds one (the caller, autograd's saved
+    inputs, a pending copy to a GPU) may keep it as long as it likes. So the buffer goes back
+    to the pool only once the lease is closed and every view cut from it has been freed: each
+    view is watched by a weak reference, whose callback counts it off. (A torch tensor made
+    with ``torch.from_numpy`` keeps its array alive for as long as its storage lives.)
+    """
+
+    def __init__(self, arrays: tuple, pool: Optional[_BufferPool]):
+        self.arrays, self._pool = arrays, pool
+        self._holders = 1  # the lease itself, until closed
+        self._watches: dict = {}  # id -> weak reference (a weakref hashes as its array, which cannot)
+        self._lock = threading.Lock()
+
+    def rows(self, lo: int, hi: int) -> tuple:
+        """Views of rows lo:hi of each array (None where the loader has no such array)."""
+        views = tuple(None if a is None else a[lo:hi] for a in self.arrays)
+        if self._pool is not None:
+            with self._lock:
+                for view in views:
+                    if view is not None:
+                        self._holders += 1
+                        watch = weakref.ref(view, self._freed)
+                        self._watches[id(watch)] = watch
+        return views
+
+    def _freed(self, watch: weakref.ref) -> None:
+        with self._lock:
+            self._watches.pop(id(watch), None)
+        self._release()
+
+    def close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            free = self._holders == 0
+        if free and self._pool is not None:
+            self._pool._take_back(self)
 
 
 # --------------------------------------------------------------------------- background threads
@@ -702,7 +759,7 @@ class EpochIterator:
         self._closed = False
         # Host batches whose non-blocking copies to the device may still be queued, each with
         # an event recorded after its copies: holding a batch keeps its pooled buffer from
-        # being refilled (_from_pool) until the device has read it.
+        # being refilled (_Lease) until the device has read it.
         self._in_flight: collections.deque = collections.deque()
         produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0)
         self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()

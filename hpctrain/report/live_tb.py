@@ -1,10 +1,10 @@
 """TensorBoard events of one run, written while it trains: ``<run_dir>/tb/``.
 
 ``LiveTensorBoard`` is a progress listener: the runner calls it on rank 0 with each of the
-trainer's progress reports, after the run's recorder. It reads the rows of metrics.csv
-it has not written yet (the trainer has rewritten that file by then), writes them as
-scalars at step = epoch, and flushes, so ``tensorboard --logdir sweeps/<name>/runs``
-shows every run epoch by epoch. The first time it writes, it also writes the run's
+trainer's progress reports, after the run's recorder. It reads the rows the trainer has
+appended to metrics.csv since its last call (only those bytes), writes them as scalars at
+step = epoch, and flushes, so ``tensorboard --logdir sweeps/<name>/runs`` shows every run
+epoch by epoch. The first time it writes, it also writes the run's
 HParams (grid values, monitored metric); when the run ends it records the session's end
 and closes. The trainer knows nothing of it.
 
@@ -31,6 +31,7 @@ class LiveTensorBoard:
         self.last_epoch: Optional[int] = None  # the last epoch written by this process
         self._writer = None
         self._off = False
+        self._header, self._read_to = b"", 0  # metrics.csv's header, and how far it has been read
 
     def __call__(self, progress) -> None:
         """Take one progress report (``train.loop.Progress``)."""
@@ -87,15 +88,28 @@ class LiveTensorBoard:
         writer.flush()
 
     def _read_metrics(self):
+        """The rows of metrics.csv added since the last call (the file only grows while this
+        process trains; it is read whole again if it ever shrinks)."""
         from .runs import parse_metrics
 
         path = self.run_dir / "metrics.csv"
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                if f.seek(0, 2) < self._read_to:
+                    self._header, self._read_to = b"", 0
+                f.seek(self._read_to)
+                chunk = f.read()
         except FileNotFoundError:
             return None
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a row still being written waits for the next call
+        self._read_to += len(complete)
+        if not self._header:
+            self._header, _, complete = complete.partition(b"\n")
+            self._header += b"\n"
+        if not complete:
+            return None
         problems: list[str] = []
-        curves = parse_metrics(text, path, problems)
+        curves = parse_metrics((self._header + complete).decode("utf-8"), path, problems)
         if problems:
             raise ValueError(problems[0])
         return curves

@@ -507,7 +507,7 @@ class Trainer:
             "config": base_dict(self.cfg),
             "model_meta": _plain(self.model_meta),
         }
-        if self.scaler is not None:
+        if self.scaler.is_enabled():  # a disabled scaler has no state
             payload["scaler"] = self.scaler.state_dict()
         return payload
 
@@ -531,7 +531,7 @@ class Trainer:
         self.optimizer.load_state_dict(p["optimizer"])
         self.schedule.load_state_dict(p["scheduler"])
         self.early.load_state_dict(p["early_stopping"])
-        if self.scaler is not None and "scaler" in p:
+        if self.scaler.is_enabled() and "scaler" in p:
             self.scaler.load_state_dict(p["scaler"])
         self.epoch, self.step, self.batch_in_epoch = int(p["epoch"]), int(p["step"]), int(p["batch_in_epoch"])
         self.best_metric, self.best_epoch = p["best"]["metric"], p["best"]["epoch"]

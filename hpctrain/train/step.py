@@ -36,16 +36,17 @@ class StepResult(NamedTuple):
     den: Union[int, torch.Tensor]       # its denominator: the rows, or the sum of the sample weights
 
 
-def precision(name: str, device: torch.device) -> tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
-    """(autocast context factory, GradScaler or None) for ``train.precision``.
+def precision(name: str, device: torch.device) -> tuple[Callable[[], Any], torch.amp.GradScaler]:
+    """(autocast context factory, GradScaler) for ``train.precision``.
 
     Only fp16 on CUDA needs loss scaling; bf16 has fp32's exponent range, and the CPU's
-    fp16 autocast has no scaler to go with it.
+    fp16 autocast has no scaler to go with it. Elsewhere the scaler is disabled: its calls
+    then pass the loss and the optimizer step through unchanged.
     """
+    scaler = torch.amp.GradScaler("cuda", enabled=name == "fp16" and device.type == "cuda")
     if name == "fp32":
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext, scaler
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if name == "fp16" and device.type == "cuda" else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
@@ -113,7 +114,7 @@ class TrainStep:
                 penalty = weight_penalty(self.weights, self.optim_cfg.l1, self.optim_cfg.l2)
                 # once per step, however many micro-batches share it
                 total = data_loss + (penalty if part == 1.0 else penalty * part)
-            (self.scaler.scale(total) if self.scaler is not None else total).backward()
+            self.scaler.scale(total).backward()
         return out, loss, den
 
     def _accumulate(self, x, y, w, rank_den):
@@ -138,7 +139,7 @@ class TrainStep:
 
     def _clip_and_step(self) -> None:
         opt, clip = self.optimizer, self.optim_cfg.grad_clip
-        if clip is None and self.scaler is None:
+        if clip is None and not self.scaler.is_enabled():
             opt.step()  # Horovod and the mpi backend average the gradients inside
             return
         averages = hasattr(opt, "skip_synchronize")
@@ -147,16 +148,12 @@ class TrainStep:
             # every rank, so that all ranks skip an overflowing step together); the step
             # then must not average them a second time.
             opt.synchronize()
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
+        self.scaler.unscale_(opt)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         with opt.skip_synchronize() if averages else contextlib.nullcontext():
             self._step_optimizer()
 
     def _step_optimizer(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()

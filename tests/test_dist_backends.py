@@ -46,7 +46,20 @@ def torchrun_style_run():
     return results("".join(out for _, out, _ in outs))
 
 
-RUNS = ["horovod_run", "torch_run", "torchrun_style_run"]
+@pytest.fixture(scope="module")
+def auto_mpirun_run():
+    return _launch_mpi("auto")
+
+
+@pytest.fixture(scope="module")
+def auto_torchrun_style_run():
+    outs = run_torchrun_style("check_backend.py", "auto", np=2, timeout=90)
+    for rc, out, err in outs:
+        assert rc == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    return results("".join(out for _, out, _ in outs))
+
+
+RUNS = ["horovod_run", "torch_run", "torchrun_style_run", "auto_mpirun_run", "auto_torchrun_style_run"]
 
 
 @pytest.mark.mpi
@@ -54,7 +67,8 @@ RUNS = ["horovod_run", "torch_run", "torchrun_style_run"]
 def test_ranks_and_backend(run, request):
     found = request.getfixturevalue(run)
     expected = {"horovod_run": ("horovod", "openmpi"), "torch_run": ("torch", "openmpi"),
-                "torchrun_style_run": ("torch", "torchrun")}[run]
+                "torchrun_style_run": ("torch", "torchrun"), "auto_mpirun_run": ("mpi", "openmpi"),
+                "auto_torchrun_style_run": ("torch", "torchrun")}[run]
     for rank, r in found.items():
         assert (r["backend"]["name"], r["env"]["source"]) == expected
         assert (r["backend"]["rank"], r["backend"]["size"], r["backend"]["local_rank"]) == (rank, 2, rank)
@@ -94,17 +108,44 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(run, variant, reques
 
 
 @pytest.mark.mpi
-def test_auto_logs_its_choice(horovod_run):
-    # check_backend.py names the backend; the log line says which and why, for every rank.
+def test_a_named_backend_logs_itself(horovod_run):
+    # check_backend.py names the backend; the log line says which, for every rank.
     assert horovod_run[0]["backend"]["log"][0].startswith("dist.backend horovod (rank 0/2")
 
 
+@pytest.mark.mpi
+def test_auto_picks_mpi_for_cpu_ranks_that_mpirun_started_and_says_why(auto_mpirun_run):
+    for rank, r in auto_mpirun_run.items():
+        assert r["backend"]["log"][0] == (
+            "dist.backend auto -> mpi (CPU ranks started by MPI: one fused MPI Allreduce a step, microseconds where "
+            f"Gloo and Horovod pay about a millisecond a collective; rank {rank}/2 (local {rank}/2) from openmpi)")
+
+
+@pytest.mark.mpi
+def test_auto_picks_gloo_for_cpu_ranks_without_mpi(auto_torchrun_style_run):
+    assert auto_torchrun_style_run[0]["backend"]["log"][0].startswith(
+        "dist.backend auto -> torch (CPU ranks not started by MPI: Gloo; rank 0/2")
+
+
+def test_auto_picks_nccl_where_cuda_is_there_and_mpi_on_cpu(monkeypatch):
+    from hpctrain.dist.backends import choose_backend
+    from hpctrain.dist.env import RankEnv
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    mpirun = RankEnv(rank=0, world_size=4, source="openmpi")
+    assert choose_backend(mpirun, "auto")[0] == "torch"
+    assert choose_backend(mpirun, "cpu")[0] == "mpi"  # train.device: cpu on a GPU node
+    assert choose_backend(RankEnv(world_size=4, source="slurm"), "cpu")[0] == "torch"
+    assert choose_backend(RankEnv(), "auto") == ("none", "a single process")
+
+
 @pytest.mark.slurm
-@pytest.mark.parametrize("backend, mpi, source", [("horovod", "pmix", "pmix"), ("torch", "pmix", "pmix"),
-                                                  ("torch", "none", "slurm")])
-def test_under_srun(backend, mpi, source, slurm_cluster):
+@pytest.mark.parametrize("asked, mpi, source, backend", [
+    ("horovod", "pmix", "pmix", "horovod"), ("torch", "pmix", "pmix", "torch"), ("torch", "none", "slurm", "torch"),
+    ("auto", "pmix", "pmix", "mpi"), ("auto", "none", "slurm", "torch")])
+def test_under_srun(asked, mpi, source, backend, slurm_cluster):
     """srun --mpi=pmix (MPI wiring) and a plain srun step (torch rendezvous from the node list)."""
-    out = run_srun("check_backend.py", backend, np=2, mpi=mpi)
+    out = run_srun("check_backend.py", asked, np=2, mpi=mpi)
     assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     found = results(out.stdout)
     assert sorted(found) == [0, 1]
@@ -174,3 +215,13 @@ def test_failure_messages_name_the_rank_and_the_timeout():
     assert "failed: rank 0 failed" in msg
     assert collective_failure_message(ValueError("shape mismatch"), rank=0, size=2, timeout_s=1,
                                       backend="torch") is None
+
+
+def test_mpi_backend_refuses_sparse_gradients_by_name():
+    from hpctrain.dist.mpi import _refuse_sparse_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    _refuse_sparse_gradients(model)  # dense: fine
+    model.add_module("words", torch.nn.Embedding(10, 3, sparse=True))
+    with pytest.raises(ConfigError, match=r"cannot average the sparse gradients of words \(Embedding\(sparse=True\)\)"):
+        _refuse_sparse_gradients(model)

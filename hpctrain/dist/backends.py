@@ -605,21 +605,47 @@ def horovod_available() -> bool:
     return True
 
 
-def make_backend(dist_cfg: Any, device_preference: str = "auto", log: Log = print) -> Backend:
-    """The backend named by ``dist_cfg.backend``; ``auto`` picks horovod, torch or none.
+def mpi4py_available() -> bool:
+    try:
+        from mpi4py import MPI  # noqa: F401
+    except Exception:  # ImportError, or an MPI library that does not load
+        return False
+    return True
 
-    auto: horovod when it imports and the world has more than one rank, else torch when it
-    has more than one rank, else none. The choice and the reason are logged.
+
+def choose_backend(env: RankEnv, device_preference: str) -> tuple[str, str]:
+    """(backend, why) for ``dist.backend: auto``: the fastest that is correct here.
+
+    - one process: none;
+    - CUDA devices: torch (NCCL; DDP overlaps the gradient exchange with backward);
+    - CPU ranks that an MPI launcher started (mpirun, srun --mpi=pmix): mpi. One fused MPI
+      Allreduce over shared memory costs microseconds a step, where Horovod's cycle and
+      Gloo's round trips cost about a millisecond, more than a step of a small model; for
+      large CPU models the MPI Allreduce was still the fastest exchange measured
+      (docs/benchmarks.md, "Scaling" and "Gradient exchange");
+    - other CPU ranks (torchrun, a plain srun step): torch (Gloo), whose rendezvous needs no
+      MPI. Horovod is never picked by auto: ask for it by name.
     """
+    import torch
+
+    if env.world_size == 1:
+        return "none", "a single process"
+    if device_preference != "cpu" and torch.cuda.is_available():
+        return "torch", "CUDA devices: NCCL, with the gradient exchange overlapping backward"
+    if env.mpi_launched and mpi4py_available():
+        return "mpi", ("CPU ranks started by MPI: one fused MPI Allreduce a step, microseconds where "
+                       "Gloo and Horovod pay about a millisecond a collective")
+    return "torch", ("CPU ranks not started by MPI: Gloo" if not env.mpi_launched
+                     else "CPU ranks, mpi4py does not import: Gloo")
+
+
+def make_backend(dist_cfg: Any, device_preference: str = "auto", log: Log = print) -> Backend:
+    """The backend named by ``dist_cfg.backend``; ``auto`` is ``choose_backend``'s pick,
+    logged with its reason."""
     choice = dist_cfg.backend
     env = discover()
     if choice == "auto":
-        if env.world_size == 1:
-            choice, why = "none", "a single process"
-        elif horovod_available():
-            choice, why = "horovod", f"{env.world_size} ranks and horovod.torch imports"
-        else:
-            choice, why = "torch", f"{env.world_size} ranks, horovod.torch does not import"
+        choice, why = choose_backend(env, device_preference)
         log(f"dist.backend auto -> {choice} ({why}; {env.describe()})")
     else:
         log(f"dist.backend {choice} ({env.describe()})")

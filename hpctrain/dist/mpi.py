@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from ..errors import ConfigError
 from .backends import Backend, Log, select_device
 from .env import discover
 
@@ -31,6 +32,7 @@ class MpiBackend(Backend):
                          log=log)
 
     def wrap(self, model, optimizer):
+        _refuse_sparse_gradients(model)
         model = model.to(self.device)
         return model, GradientAveragingOptimizer(optimizer, self.comm)
 
@@ -61,6 +63,17 @@ class MpiBackend(Backend):
 
     def _broadcast_flat_(self, flat) -> None:
         self.comm.Bcast(flat.numpy(), root=0)
+
+
+def _refuse_sparse_gradients(model) -> None:
+    """The flat Allreduce adds dense buffers; a sparse gradient would be cut wrongly."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+            raise ConfigError(f"dist.backend mpi cannot average the sparse gradients of {name or 'the model'} "
+                              f"({type(module).__name__}(sparse=True)); expected dense gradients, or "
+                              f"dist.backend horovod or torch")
 
 
 class GradientAveragingOptimizer:

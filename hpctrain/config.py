@@ -166,6 +166,9 @@ class TrainConfig:
     checkpoint_every_s: float = spec(300.0, gt=0.0)
     checkpoint_every_epochs: int = spec(1, ge=1)
     checkpoint_every_steps: Optional[int] = spec(None, ge=1)
+    checkpoint_min_interval_s: float = spec(2.0, ge=0.0,
+                                            help="write checkpoints at an epoch's end at most every N seconds; "
+                                                 "a best epoch in between is held in memory until the next write")
     max_steps: Optional[int] = spec(None, ge=1, help="stop after this many optimizer steps in total")
     precision: str = spec("fp32", choices=("fp32", "bf16", "fp16"))
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))

@@ -111,7 +111,7 @@ def test_an_altered_last_pt_is_set_aside_not_rotated(tmp_path):
 def test_trainer_keeps_the_good_previous_after_resuming_past_a_truncated_last(tmp_path):
     from test_train_loop import StopAfterSteps, make_cfg, make_trainer
 
-    cfg = make_cfg(train={"epochs": 3})
+    cfg = make_cfg(train={"epochs": 3, "checkpoint_min_interval_s": 0})  # last.pt at every epoch's end
     flag = StopAfterSteps(14)
     trainer, _ = make_trainer(cfg, tmp_path, stop_flag=flag)
     flag.trainer = trainer
@@ -213,7 +213,8 @@ def _manager(run_dir):
 
     from hpctrain.train.checkpoint import CheckpointManager
 
-    every = SimpleNamespace(checkpoint_every_s=300.0, checkpoint_every_epochs=1, checkpoint_every_steps=None)
+    every = SimpleNamespace(checkpoint_every_s=300.0, checkpoint_every_epochs=1, checkpoint_every_steps=None,
+                            checkpoint_min_interval_s=60.0)
     return CheckpointManager(run_dir, SimpleNamespace(is_root=True, size=1), every, log=lambda m: None)
 
 

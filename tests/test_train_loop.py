@@ -13,6 +13,7 @@ from hpctrain.config import build_config
 from hpctrain.data.memory import TensorLoader
 from hpctrain.dist.backends import NoneBackend
 from hpctrain.model import build_model
+from hpctrain.train.checkpoint import load_checkpoint
 from hpctrain.runstate import RunRecorder, RunState, read_state
 from state_files import put_state
 from hpctrain.train.loop import Trainer
@@ -249,7 +250,7 @@ def test_resume_truncates_rows_written_after_the_checkpoint(tmp_path):
 
 
 def test_corrupt_last_checkpoint_falls_back_and_is_named(tmp_path):
-    cfg = make_cfg(train={"epochs": 3})
+    cfg = make_cfg(train={"epochs": 3, "checkpoint_min_interval_s": 0})  # last.pt at every epoch's end
     flag = StopAfterSteps(14)
     trainer, _ = make_trainer(cfg, tmp_path, stop_flag=flag)
     flag.trainer = trainer
@@ -346,3 +347,29 @@ def test_overfit_batches_reports_failure():
     trainer, _ = make_trainer(cfg, overfit_batches=2)
     result = trainer.fit()
     assert result.overfit_passed is False and "FAILED" in result.message
+
+
+def test_checkpoints_held_back_by_the_minimum_interval_hold_the_same_content(tmp_path):
+    # Epochs far shorter than checkpoint_min_interval_s: nothing is written until the end,
+    # the best epoch is held in memory meanwhile. The files must be those of a run that
+    # wrote at every epoch's end.
+    files = {}
+    for interval in (0, 3600):
+        cfg = make_cfg(train={"epochs": 10, "checkpoint_min_interval_s": interval}, optim={"lr": 0.05})
+        run_dir = tmp_path / f"every-{interval}"
+        trainer, _ = make_trainer(cfg, run_dir)
+        result = trainer.fit()
+        assert result.status == "done"
+        folder = run_dir / "checkpoints"
+        files[interval] = {name: load_checkpoint(folder / name) for name in ("last.pt", "best.pt")}
+        files[interval]["previous.pt exists"] = (folder / "previous.pt").exists()
+        files[interval]["best epoch"] = result.best_epoch
+    every, held = files[0], files[3600]
+    assert every["previous.pt exists"] and not held["previous.pt exists"]  # one write, not ten
+    assert held["best epoch"] == every["best epoch"] < 10  # a best epoch that was held, not the last one
+    for name in ("last.pt", "best.pt"):
+        a, b = every[name], held[name]
+        assert a["epoch"] == b["epoch"] and a["metrics"] == b["metrics"], name
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+    assert held["best.pt"]["epoch"] == held["best epoch"]

@@ -194,7 +194,9 @@ class CheckpointManager:
         self.backend, self.log = backend, log
         self.every_s, self.every_epochs = train_cfg.checkpoint_every_s, train_cfg.checkpoint_every_epochs
         self.every_steps = train_cfg.checkpoint_every_steps
-        self.last_time = time.monotonic()
+        self.min_interval_s = train_cfg.checkpoint_min_interval_s
+        self.last_time = self.written_time = time.monotonic()
+        self._held_best: Optional[dict] = None  # rank 0: a best epoch's payload not written yet
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._writer: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -203,19 +205,58 @@ class CheckpointManager:
         return ((self.every_steps is not None and step % self.every_steps == 0)
                 or time.monotonic() - self.last_time >= self.every_s)
 
-    def due_at_epoch(self, epoch: int, final: bool) -> bool:
-        return epoch % self.every_epochs == 0 or final or time.monotonic() - self.last_time >= self.every_s
+    def save_epoch_end(self, payload: Callable[[], dict], epoch: int, final: bool, improved: bool) -> None:
+        """The checkpoints of an epoch's end, on every rank: ``last.pt`` when due, ``best.pt``
+        when the epoch improved the monitored metric.
+
+        Both wait until ``train.checkpoint_min_interval_s`` has passed since the last write
+        (the final epoch's never waits): serialising and writing cost more than a whole epoch
+        of a small model. A best epoch that waits is held in memory, a copy of its payload,
+        and written with the next checkpoint, or by ``wait``. A process killed meanwhile
+        resumes from the last written checkpoint and trains those epochs again.
+        """
+        now = time.monotonic()
+        due = final or now - self.last_time >= self.every_s or epoch % self.every_epochs == 0
+        waits = not final and now - self.written_time < self.min_interval_s
+        due, waits = self._agreed(due, waits)  # a save gathers from every rank: all must take the same path
+        if waits:
+            if improved and self.folder is not None:
+                content = payload()
+                if self.backend.is_root:
+                    self._held_best = _copy_tensors(content)
+            return
+        self.save(payload, last=due, best=improved)
+
+    def _agreed(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true on any rank is true on all (time-based flags can differ between ranks)."""
+        if self.backend.size == 1:
+            return flags
+        summed = self.backend.allreduce_sum(torch.tensor(flags, dtype=torch.float64))
+        return tuple(bool(v > 0) for v in summed.tolist())
 
     def save(self, payload: Callable[[], dict], last: bool = False, best: bool = False) -> None:
-        """``last.pt`` and/or ``best.pt`` of ``payload()``, called on every rank (it gathers)."""
+        """``last.pt`` and/or ``best.pt`` of ``payload()``, called on every rank (it gathers).
+        A held best epoch goes to best.pt with it, unless this save is a newer best."""
         if last:
             self.last_time = time.monotonic()
         if not (last or best) or self.folder is None:
             return
+        self.written_time = time.monotonic()
         content = payload()
         if not self.backend.is_root:
             return
-        data = serialize(content)
+        if best:
+            self._held_best = None
+        else:
+            self._write_held_best()
+        self._enqueue(serialize(content), last, best)
+
+    def _write_held_best(self) -> None:
+        held, self._held_best = self._held_best, None
+        if held is not None:
+            self._enqueue(serialize(held), False, True)
+
+    def _enqueue(self, data: bytes, last: bool, best: bool) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_queued, name="hpctrain-checkpoint", daemon=True)
             self._writer.start()
@@ -239,7 +280,10 @@ class CheckpointManager:
                 self._queue.task_done()
 
     def wait(self) -> None:
-        """Block until every queued checkpoint is on disk; raise the error of a failed write."""
+        """Block until every queued checkpoint, and a held best epoch, is on disk; raise the
+        error of a failed write."""
+        if self._held_best is not None:
+            self._write_held_best()
         if self._writer is not None:
             self._queue.join()
         error, self._error = self._error, None
@@ -277,6 +321,18 @@ class CheckpointManager:
         if self.backend.size > 1:
             payload = self.backend.broadcast_object(payload)
         return payload["model"] if payload is not None else None
+
+
+def _copy_tensors(obj: Any) -> Any:
+    """``obj`` with every tensor in it copied (on its device): a payload that training can no
+    longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tensors(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------------- RNG and gathering

@@ -434,7 +434,7 @@ class Trainer:
                  or verdict is not None)
         elapsed = self.elapsed_before + time.monotonic() - self._t0
         self.run_log.append(row_text, timing_line(self.epoch, self._epoch_train_time, self._epoch_speed(), elapsed))
-        self._save(last=self.checkpoints.due_at_epoch(self.epoch, final), best=improved)
+        self.checkpoints.save_epoch_end(self._payload, self.epoch, final, improved)
         self._log_epoch(metrics)
         self._report("running")
         return None, stop_early, passed, verdict

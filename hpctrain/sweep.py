@@ -212,7 +212,7 @@ def run_id_for(params: dict[str, Any], resolved: dict) -> str:
 # is left out of a run's identity, so the ids of existing sweeps stay what they were.
 _LATER_KEYS = {"model": {"target": None, "options": {}},
                "data": {"global_batch_size": None, "streams": 8},
-               "train": {"tensorboard": True, "metrics": [], "state_every_s": 10.0}}
+               "train": {"tensorboard": True, "metrics": [], "state_every_s": 10.0, "checkpoint_min_interval_s": 2.0}}
 
 
 def _identity(cfg: Config) -> dict:

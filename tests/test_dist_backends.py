@@ -225,3 +225,24 @@ def test_mpi_backend_refuses_sparse_gradients_by_name():
     model.add_module("words", torch.nn.Embedding(10, 3, sparse=True))
     with pytest.raises(ConfigError, match=r"cannot average the sparse gradients of words \(Embedding\(sparse=True\)\)"):
         _refuse_sparse_gradients(model)
+
+
+def test_choosing_a_backend_does_not_initialise_mpi_in_the_process():
+    # An MPI singleton started by the choice would leak PMIX_*/OMPI_* variables into every
+    # process started afterwards, Slurm jobs included (their ranks then crash in Open MPI's
+    # shared memory): the choice must look for mpi4py without importing mpi4py.MPI.
+    import subprocess
+    import sys
+
+    probe = (
+        "import subprocess, sys\n"
+        "from hpctrain.dist.backends import choose_backend\n"
+        "from hpctrain.dist.env import RankEnv\n"
+        "print(choose_backend(RankEnv(rank=0, world_size=2, source='openmpi'), 'cpu')[0])\n"
+        "print('mpi4py.MPI' in sys.modules)\n"
+        "print(sorted(line.split('=')[0] for line in subprocess.run(['env'], capture_output=True, text=True)"
+        ".stdout.splitlines() if line.startswith(('PMIX_', 'OMPI_MCA_ess'))))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("PMIX_", "OMPI_"))})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["mpi", "False", "[]"], out.stdout

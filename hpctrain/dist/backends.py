@@ -606,11 +606,13 @@ def horovod_available() -> bool:
 
 
 def mpi4py_available() -> bool:
-    try:
-        from mpi4py import MPI  # noqa: F401
-    except Exception:  # ImportError, or an MPI library that does not load
-        return False
-    return True
+    """Whether mpi4py is installed, found without importing ``mpi4py.MPI``: that import
+    initialises MPI, and a process that has initialised MPI as a singleton hands its PMIx
+    and Open MPI variables to every process it starts afterwards (jobs submitted from it
+    included, whose ranks then share one MPI job id and crash in shared memory)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mpi4py") is not None
 
 
 def choose_backend(env: RankEnv, device_preference: str) -> tuple[str, str]:

@@ -38,12 +38,16 @@ def torch_run():
     return _launch_mpi("torch")
 
 
-@pytest.fixture(scope="module")
-def torchrun_style_run():
-    outs = run_torchrun_style("check_backend.py", "torch", np=2, timeout=90)
+def _launch_torchrun_style(backend: str) -> dict:
+    outs = run_torchrun_style("check_backend.py", backend, np=2, timeout=90)
     for rc, out, err in outs:
         assert rc == 0, f"{out[-2000:]}\n{err[-3000:]}"
     return results("".join(out for _, out, _ in outs))
+
+
+@pytest.fixture(scope="module")
+def torchrun_style_run():
+    return _launch_torchrun_style("torch")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +57,7 @@ def auto_mpirun_run():
 
 @pytest.fixture(scope="module")
 def auto_torchrun_style_run():
-    outs = run_torchrun_style("check_backend.py", "auto", np=2, timeout=90)
-    for rc, out, err in outs:
-        assert rc == 0, f"{out[-2000:]}\n{err[-3000:]}"
-    return results("".join(out for _, out, _ in outs))
+    return _launch_torchrun_style("auto")
 
 
 RUNS = ["horovod_run", "torch_run", "torchrun_style_run", "auto_mpirun_run", "auto_torchrun_style_run"]

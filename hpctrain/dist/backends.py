@@ -200,6 +200,17 @@ class Backend:
     def allreduce_max(self, value: float) -> float:
         return float(value)
 
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true on every rank when it is true on any: one small allreduce for all of
+        them (nothing in one process). Ranks decide together what they must do together."""
+        flags = tuple(bool(f) for f in flags)
+        if self.size == 1:
+            return flags
+        import torch
+
+        summed = self.allreduce_sum(torch.tensor(flags, dtype=torch.float64))
+        return tuple(bool(v > 0) for v in summed.tolist())
+
     def broadcast_object(self, obj):
         return obj
 

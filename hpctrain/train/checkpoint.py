@@ -218,7 +218,7 @@ class CheckpointManager:
         now = time.monotonic()
         due = final or now - self.last_time >= self.every_s or epoch % self.every_epochs == 0
         waits = not final and now - self.written_time < self.min_interval_s
-        due, waits = self._agreed(due, waits)  # a save gathers from every rank: all must take the same path
+        due, waits = self.backend.any_rank(due, waits)  # a save gathers from every rank: all take one path
         if waits:
             if improved and self.folder is not None:
                 content = payload()
@@ -226,13 +226,6 @@ class CheckpointManager:
                     self._held_best = _copy_tensors(content)
             return
         self.save(payload, last=due, best=improved)
-
-    def _agreed(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag true on any rank is true on all (time-based flags can differ between ranks)."""
-        if self.backend.size == 1:
-            return flags
-        summed = self.backend.allreduce_sum(torch.tensor(flags, dtype=torch.float64))
-        return tuple(bool(v > 0) for v in summed.tolist())
 
     def save(self, payload: Callable[[], dict], last: bool = False, best: bool = False) -> None:
         """``last.pt`` and/or ``best.pt`` of ``payload()``, called on every rank (it gathers).
@@ -282,8 +275,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every queued checkpoint, and a held best epoch, is on disk; raise the
         error of a failed write."""
-        if self._held_best is not None:
-            self._write_held_best()
+        self._write_held_best()
         if self._writer is not None:
             self._queue.join()
         error, self._error = self._error, None
@@ -291,7 +283,9 @@ class CheckpointManager:
             raise error
 
     def close(self) -> None:
-        """Wait for the writes, then end the writer thread (the error of a write is raised)."""
+        """Write a held best epoch, wait for the writes, then end the writer thread (the error
+        of a write is raised)."""
+        self._write_held_best()
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()

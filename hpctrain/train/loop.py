@@ -394,12 +394,8 @@ class Trainer:
                 f"training diverged; try a lower optim.lr, optim.grad_clip or a warmup")
 
     def _agree(self, stop: bool, bad: Optional[str], due: bool) -> tuple[bool, bool, bool]:
-        """OR the flags over ranks (a single small allreduce; nothing in one process)."""
-        flags = (bool(stop), bad is not None, bool(due))
-        if self.backend.size == 1:
-            return flags
-        summed = self.backend.allreduce_sum(torch.tensor(flags, dtype=torch.float64))
-        return tuple(bool(v > 0) for v in summed.tolist())
+        """(stop, diverged, checkpoint due), each true on every rank when true on any."""
+        return self.backend.any_rank(stop, bad is not None, due)
 
     # ------------------------------------------------------------------ end of epoch
 

@@ -221,6 +221,7 @@ def _identity(cfg: Config) -> dict:
     for key in ("name", "slurm", "prune"):  # how a run is scheduled or cut short, not what it trains
         d.pop(key)
     d["dist"] = {"backend": d["dist"]["backend"]}
+    d["data"].pop("loader_threads", None)  # how fast rows are read, not which rows
     for top in _LATER_KEYS:
         d[top] = _without_later_defaults(top, d[top])
     return d

@@ -313,9 +313,11 @@ def test_break_and_close_stop_the_prefetch_thread(data):
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_unreadable_shard_during_epoch_names_the_file(tmp_path, prefetch):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_unreadable_shard_during_epoch_names_the_file(tmp_path, prefetch, threads, monkeypatch):
+    monkeypatch.setattr(loader_module._Pieces, "MIN_PIECE_BYTES", 1)  # these shards are tiny
     path = ids_dataset(tmp_path / "ds")
-    ld = loader(path, prefetch=prefetch, seed=2)
+    ld = loader(path, prefetch=prefetch, seed=2, threads=threads)
     victim = ld.shards[2].path
     with open(victim, "r+b") as f:  # truncated after the dataset was opened and checked
         f.truncate(1000)
@@ -402,3 +404,58 @@ def test_resident_and_file_reading_give_the_same_batches(data, monkeypatch):
     files, resident = epoch_rows(-1), epoch_rows(1 << 40)
     assert len(files) == len(resident) > 0
     assert all(torch.equal(a, b) for fb, rb in zip(files, resident) for a, b in zip(fb, rb))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("threads", [2, 5])
+def test_reading_in_pieces_on_several_threads_gives_the_same_batches(data, monkeypatch, prefetch, shuffle, threads):
+    monkeypatch.setattr(loader_module._Pieces, "MIN_PIECE_BYTES", 1)  # these shards are tiny: cut them anyway
+
+    def batches(n_threads, resume_at=None):
+        ld = ShardLoader(data, batch_size=24, world_size=2, rank=1, seed=3, prefetch=prefetch, shuffle=shuffle,
+                         block_rows=16, buffer_blocks=4, standardize=True, threads=n_threads)
+        if resume_at is not None:
+            first = ShardLoader(data, batch_size=24, world_size=2, rank=1, seed=3, prefetch=prefetch,
+                                shuffle=shuffle, block_rows=16, buffer_blocks=4, threads=n_threads)
+            first.set_epoch(4)
+            it = iter(first)
+            for _ in range(resume_at):
+                next(it)
+            ld.load_state_dict(first.state_dict())
+            it.close()
+        ld.set_epoch(4)
+        return [(b.x.clone(), b.y.clone(), b.w.clone()) for b in ld]
+
+    workers = {"read": set(), "gather": set()}  # names of the threads that did each stage's work
+
+    def watched(stage, method):
+        def call(*args, **kw):
+            workers[stage].add(threading.current_thread().name.split("_")[0])
+            return method(*args, **kw)
+        return call
+    for cls in (loader_module.ShardReader, loader_module.ResidentReader):
+        monkeypatch.setattr(cls, "read", watched("read", cls.read))
+    monkeypatch.setattr(loader_module._BatchProducer, "_gather",
+                        staticmethod(watched("gather", loader_module._BatchProducer._gather)))
+    one = batches(1)
+    assert "hpctrain-pieces" not in workers["read"] | workers["gather"]
+    many = batches(threads)
+    assert "hpctrain-pieces" in workers["read"]
+    assert "hpctrain-pieces" in workers["gather"]  # rank 1 of 2 serves 4 streams: batches are gathered
+    assert len(one) == len(many) > 0
+    assert all(torch.equal(a, b) for ob, mb in zip(one, many) for a, b in zip(ob, mb))
+    resumed = batches(threads, resume_at=3)
+    assert all(torch.equal(a, b) for ob, rb in zip(one[3:], resumed) for a, b in zip(ob, rb))
+    assert len(resumed) == len(one) - 3
+
+
+def test_loader_threads_default_to_one_on_the_cpu_and_more_for_a_gpu(data):
+    cpus = len(os.sched_getaffinity(0))
+    assert ShardLoader(data).threads == 1
+    assert loader_module.auto_threads(torch.device("cuda")) == min(loader_module.AUTO_GPU_THREADS, cpus)
+    assert ShardLoader(data, threads=3).threads == 3
+    cfg = DataConfig(path=str(data), loader_threads=2)
+    assert ShardLoader.from_config(cfg, "train", rank=0, world_size=1, seed=0).threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        ShardLoader(data, threads=-1)

@@ -348,8 +348,8 @@ def loader_for(split: str, device, **kw):
     from hpctrain.data.loader import ShardLoader
 
     # small blocks and buffers: many rounds, so the loader's few buffers are reused many times
-    return ShardLoader(dataset(), split=split, standardize=False, device=device, block_rows=64,
-                       buffer_blocks=2, prefetch=4, **kw)
+    kw.setdefault("standardize", False)
+    return ShardLoader(dataset(), split=split, device=device, block_rows=64, buffer_blocks=2, prefetch=4, **kw)
 
 
 @parametrize("stall", [False, True])
@@ -380,11 +380,51 @@ def test_loader_copies_to_the_device_give_the_hdf5_rows(stall):
     wrong = [i for i, (a, b) in enumerate(zip(batches, ref))
              if not (torch.equal(a.x.cpu(), b.x) and torch.equal(a.y.cpu(), b.y))]
     assert not wrong, f"{len(wrong)} of {len(ref)} train batches differ from the CPU loader's, first {wrong[0]}"
+    # read and gathered in pieces on several threads (a GPU loader's default): the same batches
+    from hpctrain.data import loader as loader_module
+
+    with mock.patch.object(loader_module._Pieces, "MIN_PIECE_BYTES", 1):  # rows this short: cut anyway
+        threaded = loader_for("train", device, batch_size=256, shuffle=True, seed=3, threads=4)
+        threaded.set_epoch(1)
+        pieces, _ = epoch_on_device(threaded, stall)
+    assert len(pieces) == len(ref)
+    wrong = [i for i, (a, b) in enumerate(zip(pieces, ref))
+             if not (torch.equal(a.x.cpu(), b.x) and torch.equal(a.y.cpu(), b.y))]
+    assert not wrong, f"{len(wrong)} of {len(ref)} batches read on 4 threads differ, first {wrong[0]}"
+    # standardised on the device after the copy: the CPU loader's values, up to rounding
+    on_device = loader_for("train", device, batch_size=256, shuffle=True, seed=3, standardize=True)
+    on_cpu = loader_for("train", "cpu", batch_size=256, shuffle=True, seed=3, standardize=True)
+    on_device.set_epoch(1)
+    on_cpu.set_epoch(1)
+    for a, b, raw in zip(on_device, on_cpu, ref):
+        assert a.x.device == device and not torch.allclose(b.x, raw.x)  # really standardised
+        assert torch.allclose(a.x.cpu(), b.x, rtol=1e-5, atol=1e-5) and torch.equal(a.y.cpu(), b.y)
     xt, yt = read_split("train")
     rows = {r.tobytes(): int(label) for r, label in zip(xt, yt)}
     got = torch.cat([b.x for b in batches]).cpu().numpy()
     labels = torch.cat([b.y for b in batches]).cpu().numpy()
     assert all(rows.get(r.tobytes()) == int(label) for r, label in zip(got, labels))
+
+
+def test_epoch_metrics_reduced_on_the_device_equal_those_reduced_on_the_cpu():
+    from hpctrain.dist.backends import NoneBackend
+    from hpctrain.train.losses import MetricSums
+
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(4096, generator=g).to(torch.bfloat16) for _ in range(6)]  # ties, as bf16 logits have
+    labels = [(torch.rand(4096, generator=g) > 0.4).long() for _ in range(6)]
+    losses = [torch.rand((), generator=g) for _ in range(6)]
+    results = []
+    for where in ("cpu", expected_device()):
+        sums = MetricSums("binary", where)
+        for out, y, loss in zip(outs, labels, losses):
+            sums.add(out.to(where), y.to(where), loss.to(where), len(y))
+        results.append(sums.compute(NoneBackend(device_preference="cpu"), "train"))
+    cpu, device = results
+    assert cpu.keys() == device.keys() == {"train_loss", "train_accuracy", "train_auc"}
+    assert device["train_accuracy"] == cpu["train_accuracy"] and device["train_auc"] == cpu["train_auc"]
+    assert math.isclose(device["train_loss"], cpu["train_loss"], rel_tol=1e-12)
+    assert 0.45 < cpu["train_auc"] < 0.55  # random scores
 
 
 # ---------------------------------------------------------------------------- without pytest

@@ -40,7 +40,7 @@ def test_product_of_3x2_gives_6_stable_ids(tmp_path):
 
 def test_run_id_depends_on_resolved_config_not_on_name_or_resources(tmp_path):
     _, a = load_sweep(write(tmp_path, GRID_3x2))
-    _, b = load_sweep(write(tmp_path, GRID_3x2), ["name=other", "slurm.time_min=5"])
+    _, b = load_sweep(write(tmp_path, GRID_3x2), ["name=other", "slurm.time_min=5", "data.loader_threads=4"])
     _, c = load_sweep(write(tmp_path, GRID_3x2), ["seed=1"])
     assert [s.run_id for s in a] == [s.run_id for s in b]
     assert not {s.run_id for s in a} & {s.run_id for s in c}

@@ -34,11 +34,14 @@ the calling thread without prefetch threads. The batches are the same, bit for b
 from __future__ import annotations
 
 import collections
+import functools
 import math
+import os
 import queue
 import threading
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -59,7 +62,14 @@ _BUFFER_SALT = 0x5EED
 # in the calling thread: per epoch, opening the files and starting reader threads would cost
 # more than reading the rows.
 RESIDENT_BYTES = 32 << 20
-_POOL_BUFFERS = 4  # buffers kept for reuse: the prefetch queue's batches span at most about three
+# Threads that read and gather a loader's rows when it feeds a GPU (``threads`` 0, the default):
+# one thread's reads from the page cache reach about 3 GB/s, 8 about 27 GB/s (an H200 node,
+# docs/benchmarks.md), and an H200 consumes a 256-feature MLP's rows at over 4 GB/s. A CPU
+# run keeps to one: its cores are the training step's.
+AUTO_GPU_THREADS = 8
+# Buffers kept for reuse per pool: the read-ahead queue, the round being filled, the one being
+# gathered from, and the prefetch queue's batches with their copies in flight span about five.
+_POOL_BUFFERS = 6
 
 
 class Batch(NamedTuple):
@@ -250,9 +260,11 @@ class ShardLoader:
                  world_size: int = 1, shuffle: bool = True, seed: int = 0, remainder: str = "drop",
                  block_rows: int = 4096, buffer_blocks: int = 8, prefetch: int = 4, standardize: bool = True,
                  limit_rows: Optional[int] = None, device: Any = torch.device("cpu"),
-                 partition: Optional[str] = None, streams: int = DEFAULT_STREAMS):
+                 partition: Optional[str] = None, streams: int = DEFAULT_STREAMS, threads: int = 0):
         _check_args(batch_size, rank, world_size, remainder, block_rows, buffer_blocks, prefetch, limit_rows,
                     streams)
+        if threads < 0:
+            raise ValueError(f"threads: {threads}; expected >= 0 (0: automatic)")
         self.dataset: Dataset = open_dataset(path_or_dataset)
         self.split = split
         self.shards = self.dataset.shards(split)
@@ -265,6 +277,7 @@ class ShardLoader:
         self.block_rows, self.buffer_blocks, self.prefetch = block_rows, buffer_blocks, prefetch
         self.standardize, self.streams = standardize, streams
         self.device = torch.device(device)
+        self.threads = threads or auto_threads(self.device)
         self._blocks = natural_blocks([s.rows for s in self.shards], block_rows, limit_rows)
         self.rows = int((self._blocks[:, 2] - self._blocks[:, 1]).sum())
         self.global_batch = batch_size * world_size
@@ -280,6 +293,9 @@ class ShardLoader:
         self._resume_pending = False
         self._active: Optional[weakref.ref] = None
         self._resident: Optional[ResidentReader] = None
+        # Buffers outlive an epoch: fresh ones each epoch would cost their page faults again
+        # (tens of milliseconds an epoch for a GPU's batches of 8 MB).
+        self._pools: dict[tuple, _BufferPool] = {}
         self.resident = self.dataset.rows(split) * _row_bytes(self.meta) <= RESIDENT_BYTES
 
     @classmethod
@@ -291,7 +307,8 @@ class ShardLoader:
                    remainder=data_cfg.remainder, block_rows=data_cfg.block_rows,
                    buffer_blocks=data_cfg.buffer_blocks, prefetch=data_cfg.prefetch,
                    standardize=data_cfg.standardize, limit_rows=data_cfg.limit_rows, device=device,
-                   streams=getattr(data_cfg, "streams", DEFAULT_STREAMS))
+                   streams=getattr(data_cfg, "streams", DEFAULT_STREAMS),
+                   threads=getattr(data_cfg, "loader_threads", 0))
 
     @property
     def meta(self):
@@ -337,6 +354,13 @@ class ShardLoader:
         it = EpochIterator(self, self.plan(), first, 0 if self.resident else self.prefetch)
         self._active = weakref.ref(it)
         return it
+
+    def buffer_pool(self, role: str, shapes: tuple, pinned: bool) -> "_BufferPool":
+        """The loader's pool of buffers of these shapes for one stage (``role``), made on first use."""
+        key = (role, shapes, pinned)
+        if key not in self._pools:
+            self._pools[key] = _BufferPool(functools.partial(_empty_arrays, shapes, pinned))
+        return self._pools[key]
 
     def reader(self) -> "ShardReader | ResidentReader":
         """Where an epoch reads its rows: the files, or the split's rows kept in memory."""
@@ -419,6 +443,18 @@ def rank_batch_size(data_cfg: Any, world_size: int) -> int:
     return total // world_size
 
 
+def auto_threads(device: torch.device) -> int:
+    """Reading threads for ``threads: 0``: one on the CPU, up to AUTO_GPU_THREADS for a GPU,
+    never more than the CPUs this process may run on (Slurm's binding, taskset)."""
+    if device.type == "cpu":
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(AUTO_GPU_THREADS, cpus))
+
+
 def _check_streams(streams: int, world_size: int) -> None:
     if streams % world_size:
         raise ConfigError(f"data.streams: {streams} streams cannot be shared by {world_size} ranks; the world size "
@@ -450,7 +486,9 @@ class _BatchProducer:
 
     Two stages: reading a round's rows from the files, and gathering them into batches. With
     ``read_ahead`` the reading runs in a thread of its own, one round ahead: its preadv
-    calls release the GIL, so reading overlaps the gather and standardisation.
+    calls release the GIL, so reading overlaps the gather and standardisation. With the
+    loader's ``threads`` > 1 each stage cuts its work (a round's reads, a batch's gather)
+    into that many pieces run side by side (``_Pieces``); the bytes are the same either way.
     """
 
     def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
@@ -458,18 +496,17 @@ class _BatchProducer:
         self.dataset, self.split, self.plan = loader.dataset, loader.split, plan
         self.open_reader = loader.reader
         self.first_batch, self.read_ahead = first_batch, read_ahead
+        self.pieces = _Pieces(loader.threads, _row_bytes(loader.meta))
         self.buffer_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
         self.pin = loader.device.type == "cuda"
         meta = loader.meta
-        self.n_features, self.has_weights = meta.n_features, meta.has_weights
-        self.y_dtype = np.float32 if meta.task == "regression" else np.int64
-        self.y_tail = (meta.n_targets,) if meta.task == "regression" else ()
-        self._read_pool = _BufferPool(lambda: self._arrays(self.buffer_rows, self.pin and not plan.gathers))
-        self._batch_pool = _BufferPool(lambda: self._arrays(self.buffer_rows, self.pin))  # gathered rounds
-        self.scale = None
-        if loader.standardize:
-            mean, inv_std = standardization(meta)
-            self.scale = (torch.from_numpy(-mean * inv_std), torch.from_numpy(inv_std))  # shift, factor
+        shapes = _shapes(self.buffer_rows, meta)
+        self._read_pool = loader.buffer_pool("read", shapes, self.pin and not plan.gathers)
+        self._batch_pool = loader.buffer_pool("gathered", shapes, self.pin)
+        # A GPU loader standardises on the GPU, after the copy (EpochIterator): a torch op in
+        # this thread wakes a team of torch threads that competes with the training step's,
+        # and on a 16-core H200 node that cost more than reading the rows.
+        self.scale = standardizing_tensors(meta) if loader.standardize and loader.device.type == "cpu" else None
 
     def __call__(self) -> Iterator[tuple]:
         rounds = _Background(self._read_rounds, 2, "hpctrain-read") if self.read_ahead else self._read_rounds()
@@ -477,6 +514,7 @@ class _BatchProducer:
             yield from self._batches(rounds)
         finally:
             rounds.close()
+            self.pieces.close()
 
     def _read_rounds(self) -> Iterator[tuple]:
         """(round index, its plan, a lease of its rows read from the files) for each round left
@@ -510,10 +548,8 @@ class _BatchProducer:
                         continue
                     batch = dest.rows(lo, end)
                     if rnd.order is not None:
-                        for out, src in zip(batch, raw.arrays):
-                            if out is not None:
-                                # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
-                                src.take(rnd.order[lo:end], axis=0, out=out, mode="clip")
+                        self.pieces.run(functools.partial(self._gather, rnd.order[lo:end], raw.arrays, batch),
+                                        _cuts(0, end - lo, self.pieces.parts(end - lo)))
                     # One tensor per batch, not views of one buffer tensor: views share autograd's
                     # version counter, and standardising the next batch in place would then
                     # invalidate the input the current step saved for its backward pass.
@@ -524,35 +560,106 @@ class _BatchProducer:
                 if dest is not raw:
                     dest.close()
 
+    @staticmethod
+    def _gather(order: np.ndarray, raw: tuple, batch: tuple, a: int, b: int) -> None:
+        """Rows [a, b) of a batch, taken from the round's rows in batch order."""
+        for out, src in zip(batch, raw):
+            if out is not None:
+                # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
+                src.take(order[a:b], axis=0, out=out[a:b], mode="clip")
+
     def _standardize(self, batch: tuple) -> tuple:
         if self.scale is not None:
-            # (x - mean) / std in one pass, in place. Batch by batch, not on the whole buffer:
-            # an op this small runs on the calling thread instead of waking torch's thread pool,
-            # which competes with the training step for the same cores.
+            # (x - mean) / std in one pass, in place, batch by batch: an op this small runs on
+            # the calling thread instead of waking torch's thread pool, which competes with
+            # the training step for the same cores.
             torch.addcmul(self.scale[0], batch[0], self.scale[1], out=batch[0])
         return batch
 
     def _fill(self, reader: ShardReader, segments: np.ndarray, arrays: tuple) -> None:
-        xbuf, ybuf, wbuf = arrays
-        offset = 0
+        """A round's rows from the files into ``arrays``, in pieces of at most 1/threads of them."""
+        jobs, offset = [], 0
+        rows = max(1, int((segments[:, 2] - segments[:, 1]).sum()))
+        most = ceil_div(rows, self.pieces.parts(rows))
         for shard, start, stop in segments.tolist():
-            n = stop - start
-            reader.read(shard, start, stop, xbuf[offset:offset + n], ybuf[offset:offset + n],
-                        None if wbuf is None else wbuf[offset:offset + n])
-            offset += n
+            for a, b in _cuts(start, stop, ceil_div(stop - start, most)):
+                jobs.append((shard, a, b, offset + a - start))
+            offset += stop - start
+        reader.open_shards(sorted({job[0] for job in jobs}))  # before the threads share the reader
 
-    def _arrays(self, n: int, pinned: bool) -> tuple:
-        """Empty x, y, w arrays for ``n`` rows; page-locked (pinned) for a GPU, so that the copy
-        to it runs asynchronously."""
-        shapes = [((n, self.n_features), np.float32), ((n,) + self.y_tail, self.y_dtype)]
-        if self.has_weights:
-            shapes.append(((n,), np.float32))
-        if pinned:
-            arrays = [torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dt)], pin_memory=True).numpy()
-                      for shape, dt in shapes]
-        else:
-            arrays = [np.empty(shape, dtype=dt) for shape, dt in shapes]
-        return tuple(arrays) + ((None,) if not self.has_weights else ())
+        def read(shard: int, start: int, stop: int, at: int) -> None:
+            n = stop - start
+            reader.read(shard, start, stop, *(None if arr is None else arr[at:at + n] for arr in arrays))
+
+        self.pieces.run(read, jobs)
+
+
+
+def standardizing_tensors(meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, factor) with x * factor + shift == (x - mean) / std."""
+    mean, inv_std = standardization(meta)
+    return torch.from_numpy(-mean * inv_std), torch.from_numpy(inv_std)
+
+
+def _shapes(n: int, meta) -> tuple:
+    """(shape, dtype) of x, y and, with sample weights, w for ``n`` rows."""
+    y_dtype = np.float32 if meta.task == "regression" else np.int64
+    y_tail = (meta.n_targets,) if meta.task == "regression" else ()
+    shapes = [((n, meta.n_features), np.float32), ((n,) + y_tail, y_dtype)]
+    if meta.has_weights:
+        shapes.append(((n,), np.float32))
+    return tuple(shapes)
+
+
+def _empty_arrays(shapes: tuple, pinned: bool) -> tuple:
+    """Empty x, y, w arrays (w None without weights); page-locked (pinned) for a GPU, so that
+    the copy to it runs asynchronously."""
+    if pinned:
+        arrays = [torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dt)], pin_memory=True).numpy()
+                  for shape, dt in shapes]
+    else:
+        arrays = [np.empty(shape, dtype=dt) for shape, dt in shapes]
+    return tuple(arrays) + ((None,) if len(shapes) == 2 else ())
+
+
+def _cuts(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) in ``parts`` contiguous pieces of near-equal length (fewer when it is shorter)."""
+    parts = max(1, min(parts, hi - lo))
+    return [(lo + (hi - lo) * i // parts, lo + (hi - lo) * (i + 1) // parts) for i in range(parts)]
+
+
+class _Pieces:
+    """Runs the pieces of one unit of work (a round's reads, a batch's gather) on ``threads``
+    threads, the calling thread one of them, and returns when all are done. The pieces
+    write to disjoint rows and spend their time in preadv and numpy's take, which release
+    the GIL (torch ops stay out: see _BatchProducer._standardize)."""
+
+    MIN_PIECE_BYTES = 256 << 10  # below this, handing a piece to a thread costs more than it saves
+
+    def __init__(self, threads: int, row_bytes: int):
+        self.threads = max(1, threads)
+        self.min_rows = max(1, self.MIN_PIECE_BYTES // max(1, row_bytes))
+        self._pool = ThreadPoolExecutor(self.threads - 1, "hpctrain-pieces") if self.threads > 1 else None
+
+    def parts(self, rows: int) -> int:
+        """How many pieces ``rows`` rows are cut into."""
+        return max(1, min(self.threads, rows // self.min_rows))
+
+    def run(self, fn: Callable[..., None], jobs: list[tuple]) -> None:
+        if self._pool is None or len(jobs) < 2:
+            for job in jobs:
+                fn(*job)
+            return
+        futures = [self._pool.submit(fn, *job) for job in jobs[1:]]
+        try:
+            fn(*jobs[0])
+        finally:
+            for future in futures:
+                future.result()  # raises a piece's error, after every piece has ended
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _row_bytes(meta) -> int:
@@ -585,6 +692,9 @@ class ResidentReader:
         x_out[:n], y_out[:n] = x[start:stop], y[start:stop]
         if w_out is not None and w is not None:
             w_out[:n] = w[start:stop]
+
+    def open_shards(self, shards: list[int]) -> None:
+        """Nothing to open: the rows are in memory."""
 
     def close(self) -> None:
         """Nothing to close: the rows stay for the next epoch."""
@@ -762,6 +872,9 @@ class EpochIterator:
         # being refilled (_Lease) until the device has read it.
         self._in_flight: collections.deque = collections.deque()
         produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0)
+        self._scale = None
+        if loader.standardize and self._device.type != "cpu":
+            self._scale = tuple(t.to(self._device) for t in standardizing_tensors(loader.meta))
         self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()
 
     def __iter__(self) -> "EpochIterator":
@@ -788,6 +901,8 @@ class EpochIterator:
         host = (x, y, w)
         x, y = x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True)
         w = None if w is None else w.to(self._device, non_blocking=True)
+        if self._scale is not None:
+            torch.addcmul(self._scale[0], x, self._scale[1], out=x)  # a fresh tensor: in place is safe
         if self._device.type == "cuda":
             event = torch.cuda.Event()
             event.record()

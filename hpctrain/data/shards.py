@@ -388,6 +388,12 @@ class ShardReader:
             _close_quietly(f, fd)
             raise DataError(f"{info.path}: cannot open the shard as HDF5 (truncated or corrupt file?): {e}") from None
 
+    def open_shards(self, shards: list[int]) -> None:
+        """Open these shards now: threads may then share ``read`` on them (preadv has no
+        file position to share; HDF5 reads go through h5py's lock)."""
+        for shard in shards:
+            self._sources(shard)
+
     def read(self, shard: int, start: int, stop: int, x_out: np.ndarray, y_out: np.ndarray,
              w_out: Optional[np.ndarray] = None) -> None:
         """Rows [start, stop) of ``shard`` into the first stop-start rows of the out arrays."""

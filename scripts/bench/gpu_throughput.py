@@ -57,15 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", default=None, help="hidden widths (default 2048,2048,2048)")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default 8192)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--epochs", type=int, default=None, help="epochs per timed repeat (default 3)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved pairs of timed runs (default 5)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per timed repeat (default 6: a fit's setup counts against the trainer, "
+                        "spread over about a second of steps)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved pairs of timed runs (default 7)")
     p.add_argument("--loader-epochs", type=int, default=None, help="timed loader epochs (default 3)")
     p.add_argument("--data", default=None, help="dataset folder (made when missing; default: a temporary one)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--quick", action="store_true",
                    help="a small model and dataset: proves the harness, measures nothing worth quoting")
     args = p.parse_args(argv)
-    defaults = {"hidden": "2048,2048,2048", "batch": 8192, "epochs": 3, "repeats": 5, "loader_epochs": 3}
+    defaults = {"hidden": "2048,2048,2048", "batch": 8192, "epochs": 6, "repeats": 7, "loader_epochs": 3}
     if args.quick:
         defaults = {"hidden": "64,64,64", "batch": 1024, "epochs": 1, "repeats": 2, "loader_epochs": 1}
     for key, value in defaults.items():
@@ -94,13 +96,15 @@ def make_data(folder: Path, args) -> Path:
     return folder
 
 
-def shard_loader(data: Path, split: str, args, device: torch.device) -> ShardLoader:
-    return ShardLoader(data, split=split, batch_size=args.batch, shuffle=split == "train", seed=0, device=device)
+def shard_loader(data: Path, split: str, args, device: torch.device, threads: int = 0) -> ShardLoader:
+    return ShardLoader(data, split=split, batch_size=args.batch, shuffle=split == "train", seed=0, device=device,
+                       threads=threads)
 
 
-def loader_rate(data: Path, args, device: torch.device) -> float:
-    """Rows/s of one epoch of the loader, batches on ``device`` (the last copy included)."""
-    loader = shard_loader(data, "train", args, device)
+def loader_rate(data: Path, args, device: torch.device, threads: int = 0) -> float:
+    """Rows/s of one epoch of the loader, batches on ``device`` (the last copy included);
+    ``threads`` 0: the loader's automatic choice for that device."""
+    loader = shard_loader(data, "train", args, device, threads)
     sync(device)
     t0 = time.perf_counter()
     rows = 0
@@ -198,6 +202,10 @@ def run(args, data: Path, device: torch.device) -> dict:
     loader_rate(data, args, device)  # warms the page cache
     cpu_rates = [loader_rate(data, args, torch.device("cpu")) for _ in range(args.loader_epochs)]
     dev_rates = [loader_rate(data, args, device) for _ in range(args.loader_epochs)]
+    by_threads = {n: max(loader_rate(data, args, device, n) for _ in range(args.loader_epochs)) for n in (1, 4, 8)}
+    print("loader to the " + device.type + " by threads: "
+          + ", ".join(f"{n}: {rate:,.0f}" for n, rate in by_threads.items()) + " rows/s "
+          + f"(automatic: {ShardLoader(data, device=device).threads})", flush=True)
 
     # One epoch of the loader's batches, kept on the device: both loops train on exactly these.
     epoch = list(shard_loader(data, "train", args, device))
@@ -238,6 +246,7 @@ def run(args, data: Path, device: torch.device) -> dict:
         "trainer_vs_plain": round(ratio, 4), "trainer_vs_plain_best": round(max(ours) / max(plain), 4),
         "trainer_goal": TRAINER_GOAL, "trainer_goal_met": ratio >= TRAINER_GOAL,
         "loader_rows_per_s": loader_rows, "loader_cpu_rows_per_s": max(cpu_rates),
+        "loader_rows_per_s_by_threads": by_threads,
         "gpu_step_rows_per_s": step_rows, "loader_vs_step": round(loader_rows / step_rows, 4),
         "loader_goal": LOADER_GOAL, "loader_goal_met": loader_rows / step_rows >= LOADER_GOAL,
         "trainer_live_loader_rows_per_s": live_rate, "trainer_live_vs_plain": round(live_rate / step_rows, 4),

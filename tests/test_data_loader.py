@@ -298,6 +298,12 @@ def test_from_config(data):
         ShardLoader.from_config(fixed, "train", rank=0, world_size=5, seed=4)
     val = ShardLoader.from_config(cfg, "val", rank=0, world_size=2, seed=4)
     assert val.shuffle is False and val.partition == "contiguous"
+    # eval batches are larger than train batches where rows are small: this val split is one batch
+    row_bytes = 4 * (3 + 2 + 1)  # 3 features, an int64 label, a weight
+    assert val.batch_size == min(loader_module.EVAL_BATCH_ROWS, loader_module.EVAL_BATCH_BYTES // row_bytes)
+    assert len(val) == 1 and len(next(iter(val)).x) == 53 // 2  # rank 0's share of 53 rows
+    wide = DataConfig(path=str(data), batch_size=10_000)
+    assert ShardLoader.from_config(wide, "val", rank=0, world_size=1, seed=0).batch_size == 10_000
     assert train.meta.n_features == 3
 
 

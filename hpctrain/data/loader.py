@@ -67,6 +67,7 @@ RESIDENT_BYTES = 32 << 20
 # docs/benchmarks.md), and an H200 consumes a 256-feature MLP's rows at over 4 GB/s. A CPU
 # run keeps to one: its cores are the training step's.
 AUTO_GPU_THREADS = 8
+EVAL_BATCH_ROWS, EVAL_BATCH_BYTES = 8192, 4 << 20  # eval_batch_size's bounds
 # Buffers kept for reuse per pool: the read-ahead queue, the round being filled, the one being
 # gathered from, and the prefetch queue's batches with their copies in flight span about five.
 _POOL_BUFFERS = 6
@@ -296,13 +297,19 @@ class ShardLoader:
         # Buffers outlive an epoch: fresh ones each epoch would cost their page faults again
         # (tens of milliseconds an epoch for a GPU's batches of 8 MB).
         self._pools: dict[tuple, _BufferPool] = {}
+        self._scales: dict[torch.device, tuple] = {}
         self.resident = self.dataset.rows(split) * _row_bytes(self.meta) <= RESIDENT_BYTES
 
     @classmethod
     def from_config(cls, data_cfg: Any, split: str, *, rank: int, world_size: int, seed: int,
                     device: Any = torch.device("cpu"), shuffle: Optional[bool] = None) -> "ShardLoader":
-        """A loader from ``hpctrain.config.DataConfig``; shuffles the train split only unless told."""
-        return cls(data_cfg.path, split=split, batch_size=rank_batch_size(data_cfg, world_size), rank=rank,
+        """A loader from ``hpctrain.config.DataConfig``; shuffles the train split only unless told.
+        Eval splits go in batches of ``eval_batch_size``."""
+        dataset = open_dataset(data_cfg.path)
+        batch = rank_batch_size(data_cfg, world_size)
+        if split != "train":
+            batch = eval_batch_size(batch, dataset.meta)
+        return cls(dataset, split=split, batch_size=batch, rank=rank,
                    world_size=world_size, shuffle=(split == "train") if shuffle is None else shuffle, seed=seed,
                    remainder=data_cfg.remainder, block_rows=data_cfg.block_rows,
                    buffer_blocks=data_cfg.buffer_blocks, prefetch=data_cfg.prefetch,
@@ -354,6 +361,16 @@ class ShardLoader:
         it = EpochIterator(self, self.plan(), first, 0 if self.resident else self.prefetch)
         self._active = weakref.ref(it)
         return it
+
+    def scale_on(self, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(shift, factor) on ``device``, with x * factor + shift == (x - mean) / std; None
+        without standardisation. Made once: every epoch, and every eval, uses them."""
+        if not self.standardize:
+            return None
+        if device not in self._scales:
+            mean, inv_std = standardization(self.meta)
+            self._scales[device] = (torch.from_numpy(-mean * inv_std).to(device), torch.from_numpy(inv_std).to(device))
+        return self._scales[device]
 
     def buffer_pool(self, role: str, shapes: tuple, pinned: bool) -> "_BufferPool":
         """The loader's pool of buffers of these shapes for one stage (``role``), made on first use."""
@@ -443,6 +460,13 @@ def rank_batch_size(data_cfg: Any, world_size: int) -> int:
     return total // world_size
 
 
+def eval_batch_size(train_batch: int, meta) -> int:
+    """Rows per batch of an eval split: the train batch, or more, up to EVAL_BATCH_ROWS rows
+    and EVAL_BATCH_BYTES of rows. Evaluation keeps no autograd graph, so a larger batch costs
+    little memory and saves each batch's fixed cost: a small val split is one forward pass."""
+    return max(train_batch, min(EVAL_BATCH_ROWS, EVAL_BATCH_BYTES // _row_bytes(meta)))
+
+
 def auto_threads(device: torch.device) -> int:
     """Reading threads for ``threads: 0``: one on the CPU, up to AUTO_GPU_THREADS for a GPU,
     never more than the CPUs this process may run on (Slurm's binding, taskset)."""
@@ -506,7 +530,7 @@ class _BatchProducer:
         # A GPU loader standardises on the GPU, after the copy (EpochIterator): a torch op in
         # this thread wakes a team of torch threads that competes with the training step's,
         # and on a 16-core H200 node that cost more than reading the rows.
-        self.scale = standardizing_tensors(meta) if loader.standardize and loader.device.type == "cpu" else None
+        self.scale = loader.scale_on(loader.device) if loader.device.type == "cpu" else None
 
     def __call__(self) -> Iterator[tuple]:
         rounds = _Background(self._read_rounds, 2, "hpctrain-read") if self.read_ahead else self._read_rounds()
@@ -593,12 +617,6 @@ class _BatchProducer:
 
         self.pieces.run(read, jobs)
 
-
-
-def standardizing_tensors(meta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, factor) with x * factor + shift == (x - mean) / std."""
-    mean, inv_std = standardization(meta)
-    return torch.from_numpy(-mean * inv_std), torch.from_numpy(inv_std)
 
 
 def _shapes(n: int, meta) -> tuple:
@@ -872,9 +890,7 @@ class EpochIterator:
         # being refilled (_Lease) until the device has read it.
         self._in_flight: collections.deque = collections.deque()
         produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0)
-        self._scale = None
-        if loader.standardize and self._device.type != "cpu":
-            self._scale = tuple(t.to(self._device) for t in standardizing_tensors(loader.meta))
+        self._scale = loader.scale_on(self._device) if self._device.type != "cpu" else None
         self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()
 
     def __iter__(self) -> "EpochIterator":

@@ -214,12 +214,15 @@ def main(argv=None) -> int:
         quarter = measure_rss(path, args.rows // 4, args.batch)
         full = measure_rss(path, args.rows, args.batch)
         row_bytes = 4 * args.features + 8
-        bound = 8 * 4096 * 8 * row_bytes / 2**20
+        from hpctrain.data.loader import _POOL_BUFFERS
+
+        kept = 2 * _POOL_BUFFERS  # read and gathered buffers
+        bound = kept * 4096 * 8 * row_bytes / 2**20
         for name, probe in ((f"{args.rows // 4:,} rows", quarter), (f"{args.rows:,} rows", full)):
             growth = (probe["peak"] - probe["before"]) / 2**20
             print(f"peak RSS over one epoch of {name:>14}: {probe['peak'] / 2**20:7.1f} MiB "
                   f"(+{growth:5.1f} MiB over the process before iterating)")
-        print(f"loader buffers by design: at most 8 pooled 32768-row buffers (read + gathered) = {bound:.1f} MiB; "
+        print(f"loader buffers by design: at most {kept} pooled 32768-row buffers (read + gathered) = {bound:.1f} MiB; "
               f"dataset {size_mib:.0f} MiB")
     finally:
         if temp is not None and not args.keep:

@@ -618,7 +618,6 @@ class _BatchProducer:
         self.pieces.run(read, jobs)
 
 
-
 def _shapes(n: int, meta) -> tuple:
     """(shape, dtype) of x, y and, with sample weights, w for ``n`` rows."""
     y_dtype = np.float32 if meta.task == "regression" else np.int64

@@ -62,11 +62,11 @@ _BUFFER_SALT = 0x5EED
 # in the calling thread: per epoch, opening the files and starting reader threads would cost
 # more than reading the rows.
 RESIDENT_BYTES = 32 << 20
-# Threads that read and gather a loader's rows when it feeds a GPU (``threads`` 0, the default):
-# one thread's reads from the page cache reach about 3 GB/s, 8 about 27 GB/s (an H200 node,
-# docs/benchmarks.md), and an H200 consumes a 256-feature MLP's rows at over 4 GB/s. A CPU
-# run keeps to one: its cores are the training step's.
-AUTO_GPU_THREADS = 8
+# Threads that read and gather a loader's rows when it feeds a GPU (``threads`` 0, the default).
+# On an H200 node (docs/benchmarks.md) one thread gave 3.2 M rows/s of 256 features, 4 and 8
+# threads 4.4 and 4.3 M: four, because each thread beyond them only adds contention for the
+# GIL with the training thread. A CPU run keeps to one: its cores are the training step's.
+AUTO_GPU_THREADS = 4
 EVAL_BATCH_ROWS, EVAL_BATCH_BYTES = 8192, 4 << 20  # eval_batch_size's bounds
 # Buffers kept for reuse per pool: the read-ahead queue, the round being filled, the one being
 # gathered from, and the prefetch queue's batches with their copies in flight span about five.

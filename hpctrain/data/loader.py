@@ -516,7 +516,7 @@ class _BatchProducer:
     """
 
     def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
-                 read_ahead: bool):
+                 read_ahead: bool, scale: Optional[tuple]):
         self.dataset, self.split, self.plan = loader.dataset, loader.split, plan
         self.open_reader = loader.reader
         self.first_batch, self.read_ahead = first_batch, read_ahead
@@ -527,10 +527,7 @@ class _BatchProducer:
         shapes = _shapes(self.buffer_rows, meta)
         self._read_pool = loader.buffer_pool("read", shapes, self.pin and not plan.gathers)
         self._batch_pool = loader.buffer_pool("gathered", shapes, self.pin)
-        # A GPU loader standardises on the GPU, after the copy (EpochIterator): a torch op in
-        # this thread wakes a team of torch threads that competes with the training step's,
-        # and on a 16-core H200 node that cost more than reading the rows.
-        self.scale = loader.scale_on(loader.device) if loader.device.type == "cpu" else None
+        self.scale = scale  # (shift, factor) when the host standardises; see EpochIterator
 
     def __call__(self) -> Iterator[tuple]:
         rounds = _Background(self._read_rounds, 2, "hpctrain-read") if self.read_ahead else self._read_rounds()
@@ -888,8 +885,13 @@ class EpochIterator:
         # an event recorded after its copies: holding a batch keeps its pooled buffer from
         # being refilled (_Lease) until the device has read it.
         self._in_flight: collections.deque = collections.deque()
-        produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0)
-        self._scale = loader.scale_on(self._device) if self._device.type != "cpu" else None
+        # A GPU loader standardises on the GPU, after the copy: a torch op in the producer's
+        # thread wakes a team of torch threads that competes with the training step's, and on
+        # a 16-core H200 node that cost more than reading the rows.
+        scale = loader.scale_on(self._device)
+        on_host = self._device.type == "cpu"
+        self._scale = None if on_host else scale
+        produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0, scale=scale if on_host else None)
         self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()
 
     def __iter__(self) -> "EpochIterator":

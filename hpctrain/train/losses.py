@@ -158,8 +158,7 @@ class MetricSums:
         if all(not isinstance(d, torch.Tensor) for d in self.dens):  # row counts: one tensor, one copy
             dens = torch.tensor([float(d) for d in self.dens], dtype=torch.float64, device=device)
         else:
-            dens = torch.cat([d.reshape(-1).to(device, torch.float64) if isinstance(d, torch.Tensor)
-                              else torch.tensor([float(d)], dtype=torch.float64, device=device) for d in self.dens])
+            dens = torch.cat([torch.as_tensor(d, dtype=torch.float64, device=device).reshape(-1) for d in self.dens])
         return {"losses": losses.to(device, torch.float64), "dens": dens,
                 "outs": torch.cat(self.outs).to(device), "labels": torch.cat(self.labels).to(device)}
 

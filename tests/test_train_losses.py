@@ -10,6 +10,7 @@ from hpctrain.config import LossConfig
 from hpctrain.dist.backends import NoneBackend
 from hpctrain.errors import ConfigError, DataError
 from hpctrain.monitor import better_mode as monitor_mode
+from hpctrain.train import losses as losses_module
 from hpctrain.train.losses import MetricSums, build_loss, check_monitor, roc_auc
 
 BACKEND = NoneBackend(device_preference="cpu")
@@ -70,6 +71,17 @@ def test_roc_auc_by_hand_with_ties():
     # one tie between a positive and a negative counts one half: pairs (p,n): 2x2 = 4, wins 3.5
     assert roc_auc(torch.tensor([0.2, 0.5, 0.5, 0.9]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.875)
     assert math.isnan(roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+
+
+@pytest.mark.parametrize("rows", [2, 7, 341, 20_000])
+def test_rank_sums_of_numpy_on_the_cpu_equal_those_of_torch_on_a_device_exactly(rows):
+    # roc_auc sums ranks with numpy for CPU scores and with torch ops elsewhere (a GPU's
+    # epoch); rounded scores make many ties, where average ranks matter.
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.randn(rows, generator=g, dtype=torch.float64).round(decimals=1)
+    positive = torch.rand(rows, generator=g) > 0.3
+    assert losses_module._positive_rank_sum_host(scores, positive) == losses_module._positive_rank_sum(scores, positive)
+    assert losses_module._positive_rank_sum_host(scores, positive) > 0 or not positive.any()
 
 
 def test_metric_sums_binary_over_batches():

@@ -317,15 +317,19 @@ class CheckpointManager:
         return payload["model"] if payload is not None else None
 
 
+_NESTED = (torch.Tensor, dict, list, tuple)
+
+
 def _copy_tensors(obj: Any) -> Any:
-    """``obj`` with every tensor in it copied (on its device): a payload that training can no
-    longer change."""
+    """``obj`` with every tensor in it copied (on its device) and its containers rebuilt: a
+    payload that training can no longer change. Scalars and strings, most of a payload's
+    leaves, are taken as they are without a call each."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: _copy_tensors(v) for k, v in obj.items()}
+        return {k: _copy_tensors(v) if isinstance(v, _NESTED) else v for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy_tensors(v) for v in obj)
+        return type(obj)(_copy_tensors(v) if isinstance(v, _NESTED) else v for v in obj)
     return obj
 
 

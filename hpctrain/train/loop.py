@@ -167,6 +167,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.stop_flag = stop_flag
         self.model_meta = dict(model_meta or {})
+        # Parts of every checkpoint that never change during a run: made once, not per save.
+        self._fixed_payload = {"config": base_dict(cfg), "model_meta": _plain(self.model_meta)}
         self.device = torch.device(backend.device)
         self.raw_model = model.to(self.device)
         # optim.lr_scaling is applied by the runner (the cfg it hands over has the scaled lr).
@@ -500,8 +502,7 @@ class Trainer:
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "monitor": self.monitor},
             "world_size": self.backend.size,
             "elapsed_s": self.elapsed_before + time.monotonic() - self._t0,
-            "config": base_dict(self.cfg),
-            "model_meta": _plain(self.model_meta),
+            **self._fixed_payload,
         }
         if self.scaler.is_enabled():  # a disabled scaler has no state
             payload["scaler"] = self.scaler.state_dict()

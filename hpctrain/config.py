@@ -89,7 +89,7 @@ class DataConfig:
     buffer_blocks: int = spec(8, ge=1, help="blocks mixed in one shuffle buffer")
     remainder: str = spec("drop", choices=("drop", "pad"),
                           help="rows left over after an equal split across ranks and batches")
-    prefetch: int = spec(4, ge=0, help="batches read ahead in a background thread (0: none)")
+    prefetch: int = spec(4, ge=0, help="batches read ahead in background threads, in whole rounds (0: none)")
     loader_threads: int = spec(0, ge=0, help="threads that read and gather a batch's rows side by side; "
                                "0: automatic (1 on the CPU, up to 4 when training on a GPU)")
     limit_rows: Optional[int] = spec(None, ge=1, help="use only the first N rows of each split")

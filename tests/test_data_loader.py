@@ -442,8 +442,8 @@ def test_reading_in_pieces_on_several_threads_gives_the_same_batches(data, monke
         return call
     for cls in (loader_module.ShardReader, loader_module.ResidentReader):
         monkeypatch.setattr(cls, "read", watched("read", cls.read))
-    monkeypatch.setattr(loader_module._BatchProducer, "_gather",
-                        staticmethod(watched("gather", loader_module._BatchProducer._gather)))
+    monkeypatch.setattr(loader_module._BatchProducer, "_take",
+                        staticmethod(watched("gather", loader_module._BatchProducer._take)))
     one = batches(1)
     assert "hpctrain-pieces" not in workers["read"] | workers["gather"]
     many = batches(threads)

@@ -68,9 +68,12 @@ RESIDENT_BYTES = 32 << 20
 # GIL with the training thread. A CPU run keeps to one: its cores are the training step's.
 AUTO_GPU_THREADS = 4
 EVAL_BATCH_ROWS, EVAL_BATCH_BYTES = 8192, 4 << 20  # eval_batch_size's bounds
-# Buffers kept for reuse per pool: the read-ahead queue, the round being filled, the one being
-# gathered from, and the prefetch queue's batches with their copies in flight span about five.
+# Round buffers kept for reuse: the read-ahead queue's two, the round being filled, the one a
+# blocked hand-over holds and the one being cut into batches, and one to spare.
 _POOL_BUFFERS = 6
+# torch runs an elementwise op of fewer elements than this (its grain size) on the calling
+# thread without waking its thread pool.
+_INLINE_ELEMENTS = 32768
 
 
 class Batch(NamedTuple):
@@ -372,9 +375,9 @@ class ShardLoader:
             self._scales[device] = (torch.from_numpy(-mean * inv_std).to(device), torch.from_numpy(inv_std).to(device))
         return self._scales[device]
 
-    def buffer_pool(self, role: str, shapes: tuple, pinned: bool) -> "_BufferPool":
-        """The loader's pool of buffers of these shapes for one stage (``role``), made on first use."""
-        key = (role, shapes, pinned)
+    def buffer_pool(self, shapes: tuple, pinned: bool) -> "_BufferPool":
+        """The loader's pool of round buffers of these shapes, made on first use."""
+        key = (shapes, pinned)
         if key not in self._pools:
             self._pools[key] = _BufferPool(functools.partial(_empty_arrays, shapes, pinned))
         return self._pools[key]
@@ -508,11 +511,18 @@ class _BatchProducer:
     """Everything one epoch's reading needs, copied from the loader so that the background
     threads hold no reference to the loader or its iterator.
 
-    Two stages: reading a round's rows from the files, and gathering them into batches. With
-    ``read_ahead`` the reading runs in a thread of its own, one round ahead: its preadv
-    calls release the GIL, so reading overlaps the gather and standardisation. With the
-    loader's ``threads`` > 1 each stage cuts its work (a round's reads, a batch's gather)
-    into that many pieces run side by side (``_Pieces``); the bytes are the same either way.
+    Two stages: reading a round's rows from the files into a pooled buffer, and taking each
+    batch's rows from it into tensors of the batch's own. With ``read_ahead`` the reading
+    runs in a thread of its own, one round ahead: its preadv calls release the GIL, so
+    reading overlaps the gathering and standardisation. With the loader's ``threads`` > 1
+    each stage cuts its work (a round's reads, a batch's rows) into that many pieces run side
+    by side (``_Pieces``); the bytes are the same either way.
+
+    Every batch is fresh memory that belongs to the caller alone: no view of a pooled buffer
+    leaves the producer, so a buffer goes back to its pool as soon as its round is cut, and
+    a batch kept by the caller (or saved by autograd, or on its way to a GPU) is never
+    overwritten. For a GPU the batches are page-locked, from torch's caching host allocator,
+    which reuses a block only once the copies queued from it have run.
     """
 
     def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
@@ -521,15 +531,13 @@ class _BatchProducer:
         self.open_reader = loader.reader
         self.first_batch, self.read_ahead = first_batch, read_ahead
         self.pieces = _Pieces(loader.threads, _row_bytes(loader.meta))
-        self.buffer_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
-        self.pin = loader.device.type == "cuda"
         meta = loader.meta
-        shapes = _shapes(self.buffer_rows, meta)
-        self._read_pool = loader.buffer_pool("read", shapes, self.pin and not plan.gathers)
-        self._batch_pool = loader.buffer_pool("gathered", shapes, self.pin)
+        self._read_pool_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
+        self._read_pool = loader.buffer_pool(_shapes(self._read_pool_rows, meta), pinned=False)
+        self._served_pool = loader.buffer_pool(_shapes(self._read_pool_rows, meta), pinned=loader.device.type == "cuda")
         self.scale = scale  # (shift, factor) when the host standardises; see EpochIterator
 
-    def __call__(self) -> Iterator[tuple]:
+    def __call__(self) -> Iterator[list]:
         rounds = _Background(self._read_rounds, 2, "hpctrain-read") if self.read_ahead else self._read_rounds()
         try:
             yield from self._batches(rounds)
@@ -538,8 +546,8 @@ class _BatchProducer:
             self.pieces.close()
 
     def _read_rounds(self) -> Iterator[tuple]:
-        """(round index, its plan, a lease of its rows read from the files) for each round left
-        in the epoch; the consumer closes the lease."""
+        """(round index, its plan, a pooled buffer of its rows read from the files) for each
+        round left in the epoch; the consumer gives the buffer back."""
         plan = self.plan
         if self.first_batch >= plan.batches:
             return
@@ -547,55 +555,46 @@ class _BatchProducer:
         try:
             for j in range(self.first_batch // plan.round_batches, plan.rounds):
                 rnd = plan.round(j)
-                lease = self._read_pool.lend()  # without a gather, batches are views of these rows
-                self._fill(reader, rnd.segments, lease.arrays)
-                yield j, rnd, lease
+                raw = self._read_pool.lend()
+                self._fill(reader, rnd.segments, raw)
+                yield j, rnd, raw
         finally:
             reader.close()
 
-    def _batches(self, rounds: Iterator[tuple]) -> Iterator[tuple]:
-        """Gather each round into batch order and cut it into batches (views of it).
-
-        Rows are gathered batch by batch and standardised right away, while the batch is
-        still in the CPU cache: one pass over memory, not two.
-        """
+    def _batches(self, rounds: Iterator[tuple]) -> Iterator[list]:
+        """Each round's batches, as one list. The round's rows left to serve are taken in batch
+        order into new tensors, all at once, and each batch is a view of them: one call per
+        round, not per batch, and one hand-over between threads per round."""
         for j, rnd, raw in rounds:
-            dest = raw if rnd.order is None else self._batch_pool.lend()
+            first = j * self.plan.round_batches
+            sizes = rnd.batch_rows[max(0, self.first_batch - first):]  # resumed: batches already trained on
+            lo, hi = sum(rnd.batch_rows) - sum(sizes), sum(rnd.batch_rows)
             try:
-                k, end = j * self.plan.round_batches, 0
-                for rows in rnd.batch_rows:
-                    lo, end, k = end, end + rows, k + 1
-                    if k <= self.first_batch:  # resumed: batches of this round already trained on
-                        continue
-                    batch = dest.rows(lo, end)
-                    if rnd.order is not None:
-                        self.pieces.run(functools.partial(self._gather, rnd.order[lo:end], raw.arrays, batch),
-                                        _cuts(0, end - lo, self.pieces.parts(end - lo)))
-                    # One tensor per batch, not views of one buffer tensor: views share autograd's
-                    # version counter, and standardising the next batch in place would then
-                    # invalidate the input the current step saved for its backward pass.
-                    yield self._standardize(tuple(None if a is None else torch.from_numpy(a) for a in batch))
-                    del batch
+                rows = self._served_pool.lend_tensors()
+                source = lo if rnd.order is None else rnd.order[lo:hi]
+                arrays = tuple(None if t is None else t.numpy() for t in rows)
+                self.pieces.run(functools.partial(self._take, source, raw, arrays, self.scale),
+                                _cuts(0, hi - lo, self.pieces.parts(hi - lo)))
             finally:
-                raw.close()
-                if dest is not raw:
-                    dest.close()
+                self._read_pool.give_back(raw)
+            ends = np.cumsum(sizes).tolist()  # rows of the set: those before ``lo`` stay unused
+            yield [tuple(None if t is None else t[end - n:end] for t in rows) for n, end in zip(sizes, ends)]
 
     @staticmethod
-    def _gather(order: np.ndarray, raw: tuple, batch: tuple, a: int, b: int) -> None:
-        """Rows [a, b) of a batch, taken from the round's rows in batch order."""
-        for out, src in zip(batch, raw):
-            if out is not None:
-                # mode="clip" lets numpy write straight into out (mode="raise" buffers a copy)
-                src.take(order[a:b], axis=0, out=out[a:b], mode="clip")
-
-    def _standardize(self, batch: tuple) -> tuple:
-        if self.scale is not None:
-            # (x - mean) / std in one pass, in place, batch by batch: an op this small runs on
-            # the calling thread instead of waking torch's thread pool, which competes with
-            # the training step for the same cores.
-            torch.addcmul(self.scale[0], batch[0], self.scale[1], out=batch[0])
-        return batch
+    def _take(source: "np.ndarray | int", raw: tuple, out: tuple, scale: Optional[tuple], a: int, b: int) -> None:
+        """Rows [a, b) of ``out`` from the round's rows, standardised with ``scale`` where given:
+        the rows at positions ``source[a:b]``, or, where the round keeps its read order, the
+        run that starts at row ``source``."""
+        for dest, src in zip(out, raw):
+            if dest is None:
+                continue
+            if isinstance(source, np.ndarray):
+                # mode="clip" lets numpy write straight into dest (mode="raise" buffers a copy)
+                src.take(source[a:b], axis=0, out=dest[a:b], mode="clip")
+            else:
+                dest[a:b] = src[source + a:source + b]
+        if scale is not None:
+            _standardize(out[0][a:b], scale)
 
     def _fill(self, reader: ShardReader, segments: np.ndarray, arrays: tuple) -> None:
         """A round's rows from the files into ``arrays``, in pieces of at most 1/threads of them."""
@@ -613,6 +612,16 @@ class _BatchProducer:
             reader.read(shard, start, stop, *(None if arr is None else arr[at:at + n] for arr in arrays))
 
         self.pieces.run(read, jobs)
+
+
+def _standardize(x: np.ndarray, scale: tuple) -> None:
+    """x = (x - mean) / std in place, as x * factor + shift with ``scale`` = (shift, factor),
+    in slices small enough for torch to run each on the calling thread: a larger op wakes a
+    team of torch threads per calling thread, which competes with the training step."""
+    xt = torch.from_numpy(x)
+    step = max(1, _INLINE_ELEMENTS // max(1, x.shape[1]))
+    for a in range(0, len(x), step):
+        torch.addcmul(scale[0], xt[a:a + step], scale[1], out=xt[a:a + step])
 
 
 def _shapes(n: int, meta) -> tuple:
@@ -643,10 +652,10 @@ def _cuts(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Pieces:
-    """Runs the pieces of one unit of work (a round's reads, a batch's gather) on ``threads``
+    """Runs the pieces of one unit of work (a round's reads, or its take) on ``threads``
     threads, the calling thread one of them, and returns when all are done. The pieces
     write to disjoint rows and spend their time in preadv and numpy's take, which release
-    the GIL (torch ops stay out: see _BatchProducer._standardize)."""
+    the GIL, and torch ops small enough to run on the calling thread (_standardize)."""
 
     MIN_PIECE_BYTES = 256 << 10  # below this, handing a piece to a thread costs more than it saves
 
@@ -718,78 +727,58 @@ _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.
 
 
 class _BufferPool:
-    """Sets of x, y, w arrays reused from round to round, lent out one round at a time.
+    """Sets of x, y, w arrays reused from round to round.
 
     Reuse keeps the loader's memory a fixed handful of buffers, whatever the allocator does
     with memory freed in another thread, and spares the page faults of fresh multi-megabyte
-    allocations. At most ``keep`` sets are made for reuse; when all of them are lent, a
-    set is made for that round only.
+    allocations. A set is made whenever none is free, and at most ``keep`` are kept.
+
+    ``lend``/``give_back`` serve a buffer that its borrower alone uses. ``lend_tensors``
+    serves one whose rows leave the loader as batches: the caller, autograd's saved inputs or
+    a pending copy to a GPU may hold a batch as long as they like. Those tensors are made from
+    fresh numpy views of the set, one per array, and a weak reference to each view sees it
+    freed when the last tensor that shares its memory is gone; then the set is free again.
     """
 
     def __init__(self, make: Callable[[], tuple], keep: int = _POOL_BUFFERS):
-        self._make, self._keep, self._made = make, keep, 0
-        self._free: collections.deque = collections.deque()  # appended to by other threads
-        self._lent: set = set()  # keeps each lease, and so its weak references, alive until it is back
-
-    def lend(self) -> "_Lease":
-        try:
-            arrays = self._free.pop()
-        except IndexError:
-            if self._made >= self._keep:
-                return _Lease(self._make(), None)
-            self._made += 1
-            arrays = self._make()
-        lease = _Lease(arrays, self)
-        self._lent.add(lease)
-        return lease
-
-    def _take_back(self, lease: "_Lease") -> None:
-        self._lent.discard(lease)
-        self._free.append(lease.arrays)
-
-
-class _Lease:
-    """One round's arrays, lent by a _BufferPool; views of them are cut through ``rows``.
-
-    Batches are views of the buffer, and whoever holds one (the caller, autograd's saved
-    inputs, a pending copy to a GPU) may keep it as long as it likes. So the buffer goes back
-    to the pool only once the lease is closed and every view cut from it has been freed: each
-    view is watched by a weak reference, whose callback counts it off. (A torch tensor made
-    with ``torch.from_numpy`` keeps its array alive for as long as its storage lives.)
-    """
-
-    def __init__(self, arrays: tuple, pool: Optional[_BufferPool]):
-        self.arrays, self._pool = arrays, pool
-        self._holders = 1  # the lease itself, until closed
-        self._watches: dict = {}  # id -> weak reference (a weakref hashes as its array, which cannot)
+        self._make, self._keep = make, keep
+        self._free: collections.deque = collections.deque()  # given back from other threads
+        # The weak references of lent tensors, by id, alive until they fire (a weak reference
+        # hashes as its array, which cannot be hashed).
+        self._watches: dict = {}
         self._lock = threading.Lock()
 
-    def rows(self, lo: int, hi: int) -> tuple:
-        """Views of rows lo:hi of each array (None where the loader has no such array)."""
-        views = tuple(None if a is None else a[lo:hi] for a in self.arrays)
-        if self._pool is not None:
+    def lend(self) -> tuple:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return self._make()
+
+    def give_back(self, arrays: tuple) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(arrays)
+
+    def lend_tensors(self) -> tuple:
+        """A set as torch tensors (None stays None); it returns to the pool by itself once
+        every tensor sharing its memory has been freed."""
+        arrays = self.lend()
+        views = [a[:] for a in arrays if a is not None]
+        left = [len(views)]
+
+        def freed(watch: weakref.ref) -> None:
             with self._lock:
-                for view in views:
-                    if view is not None:
-                        self._holders += 1
-                        watch = weakref.ref(view, self._freed)
-                        self._watches[id(watch)] = watch
-        return views
+                self._watches.pop(id(watch), None)
+                left[0] -= 1
+                done = left[0] == 0
+            if done:
+                self.give_back(arrays)
 
-    def _freed(self, watch: weakref.ref) -> None:
         with self._lock:
-            self._watches.pop(id(watch), None)
-        self._release()
-
-    def close(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            free = self._holders == 0
-        if free and self._pool is not None:
-            self._pool._take_back(self)
+            for view in views:
+                watch = weakref.ref(view, freed)
+                self._watches[id(watch)] = watch
+        tensors = iter([torch.from_numpy(v) for v in views])
+        return tuple(None if a is None else next(tensors) for a in arrays)
 
 
 # --------------------------------------------------------------------------- background threads
@@ -812,22 +801,16 @@ def _put(q: queue.Queue, stop: threading.Event, item: Any) -> bool:
     return False
 
 
-def _background_worker(produce: Callable[[], Iterator[Any]], q: queue.Queue, stop: threading.Event,
-                       group: int) -> None:
+def _background_worker(produce: Callable[[], Iterator[Any]], q: queue.Queue, stop: threading.Event) -> None:
     gen = None
     try:
         gen = produce()
-        items: list = []
         for item in gen:
-            items.append(item)
-            if len(items) == group:
-                if not _put(q, stop, items):
-                    return
-                items = []
-        items.append(_END)
-        _put(q, stop, items)
+            if not _put(q, stop, item):
+                return
+        _put(q, stop, _END)
     except BaseException as e:  # surfaces in the consumer: a failed read must never leave it waiting
-        _put(q, stop, [_Failure(e)])
+        _put(q, stop, _Failure(e))
     finally:
         if gen is not None:
             gen.close()  # runs the generator's cleanup (closing shard files) in this thread
@@ -835,18 +818,13 @@ def _background_worker(produce: Callable[[], Iterator[Any]], q: queue.Queue, sto
 
 class _Background:
     """Runs a generator in a daemon thread, up to ``depth`` items ahead; iterating this object
-    yields the items in order and re-raises the generator's error.
-
-    Items are handed over in groups of depth // 2: every hand-over between two Python
-    threads costs a GIL switch, and grouping halves their number or better.
-    """
+    yields the items in order and re-raises the generator's error. Every hand-over between
+    two Python threads costs a GIL switch, so items should be large: rounds, not batches."""
 
     def __init__(self, produce: Callable[[], Iterator[Any]], depth: int, name: str):
-        group = max(1, depth // 2)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth // group))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._ready: collections.deque = collections.deque()
-        self._thread = threading.Thread(target=_background_worker, args=(produce, self._queue, self._stop, group),
+        self._thread = threading.Thread(target=_background_worker, args=(produce, self._queue, self._stop),
                                         name=name, daemon=True)
         self._thread.start()
 
@@ -854,13 +832,13 @@ class _Background:
         return self
 
     def __next__(self) -> Any:
-        while not self._ready:
+        while True:
             try:
-                self._ready.extend(self._queue.get(timeout=1.0))
+                item = self._queue.get(timeout=1.0)
+                break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise DataError(f"the data loader's {self._thread.name} thread stopped without a result") from None
-        item = self._ready.popleft()
         if isinstance(item, _Failure):
             raise item.error
         if item is _END:
@@ -869,7 +847,6 @@ class _Background:
 
     def close(self) -> None:
         self._stop.set()
-        self._ready.clear()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
@@ -883,7 +860,7 @@ class EpochIterator:
         self._closed = False
         # Host batches whose non-blocking copies to the device may still be queued, each with
         # an event recorded after its copies: holding a batch keeps its pooled buffer from
-        # being refilled (_Lease) until the device has read it.
+        # being refilled until the device has read it.
         self._in_flight: collections.deque = collections.deque()
         # A GPU loader standardises on the GPU, after the copy: a torch op in the producer's
         # thread wakes a team of torch threads that competes with the training step's, and on
@@ -892,7 +869,10 @@ class EpochIterator:
         on_host = self._device.type == "cpu"
         self._scale = None if on_host else scale
         produce = _BatchProducer(loader, plan, first_batch, read_ahead=prefetch > 0, scale=scale if on_host else None)
-        self._source: Any = _Background(produce, prefetch, "hpctrain-prefetch") if prefetch > 0 else produce()
+        # Rounds come whole; with prefetch, at least ``prefetch`` batches are ready ahead.
+        rounds_ahead = ceil_div(prefetch, plan.round_batches)
+        self._rounds: Any = _Background(produce, rounds_ahead, "hpctrain-prefetch") if prefetch > 0 else produce()
+        self._ready: collections.deque = collections.deque()  # the current round's batches left
 
     def __iter__(self) -> "EpochIterator":
         return self
@@ -901,10 +881,12 @@ class EpochIterator:
         if self._closed:
             raise StopIteration
         try:
-            x, y, w = next(self._source)
+            while not self._ready:
+                self._ready.extend(next(self._rounds))
         except BaseException:  # StopIteration at the end of the epoch, or a read error
             self.close()
             raise
+        x, y, w = self._ready.popleft()
         if self._device.type != "cpu":
             x, y, w = self._to_device(x, y, w)
         loader = self._loader()
@@ -934,7 +916,8 @@ class EpochIterator:
         for event, _ in self._in_flight:
             event.synchronize()
         self._in_flight.clear()
-        self._source.close()
+        self._ready.clear()
+        self._rounds.close()
 
     def __del__(self) -> None:
         try:

@@ -9,9 +9,16 @@ Prints rows/s for
       process, batch 1024, standardised, torch tensors, background prefetch thread (the defaults),
   (c) a naive per-row torch Dataset (one h5py row per __getitem__) behind a shuffling
       DataLoader, timed over --naive-rows rows only because it is so slow,
-and the ratios (b)/(a) (goal >= 0.5) and (b)/(c) (goal >= 1000) from this same run.
+  (d) the work the global order adds to reading, without the loader: each stream's share of a
+      round permuted, the rows taken into batch order and standardised, on rows in memory,
+      in one thread,
+and the ratios (b)/(a) (goal >= 0.5) and (b)/(c) (goal >= 1000) from this same run, with
+what one thread doing (a)'s reads and then (d)'s work would reach, as a fraction of (a):
+the most a loader serving this order gets from one core.
 (a) and (b) alternate for --rounds rounds and the best of each counts, so load from other
-processes on a shared machine hits both alike. Peak resident memory of the loader is
+processes on a shared machine hits both alike. (b) is one loader's epochs after its first, as
+in a training run (the loader keeps its buffers between epochs); the first epoch, which
+allocates them, is printed too. Peak resident memory of the loader is
 measured in fresh processes over a quarter of the rows and over all of them: it must not
 grow with the dataset. The dataset goes to a temporary folder (removed unless --keep).
 """
@@ -82,11 +89,40 @@ def raw_h5py(files, slice_rows: int) -> float:
     return rows / (time.perf_counter() - t)
 
 
-def hpctrain_loader(path: Path, batch: int, epoch: int) -> float:
+def order_work(rows: int, features: int, batch: int, round_rows: int = 32768, streams: int = 8) -> float:
+    """(d): the work the loader's global order adds to reading, on rows already in memory, in
+    one thread and plain numpy/torch: each stream's share of a round permuted by the stream's
+    generator, every row taken into batch order (numpy ``take``), each batch standardised in
+    place (``torch.addcmul``) and cut off as a tensor. Rows/s."""
+    import numpy as np
+    import torch
+
+    x_round = np.random.default_rng(1).random((round_rows, features), dtype=np.float32)
+    y_round = np.zeros(round_rows, np.int64)
+    shift, factor = torch.zeros(features), torch.ones(features)
+    generators = [np.random.default_rng([0, p]) for p in range(streams)]  # one per stream and epoch
+    share = round_rows // streams
+    done, t = 0, time.perf_counter()
+    while done < rows:
+        perm = np.concatenate([p * share + g.permutation(share) for p, g in enumerate(generators)])
+        x, y = torch.from_numpy(x_round.take(perm, axis=0)), torch.from_numpy(y_round.take(perm))
+        for lo in range(0, round_rows - batch + 1, batch):
+            xb = x[lo:lo + batch]
+            torch.addcmul(shift, xb, factor, out=xb)  # batch by batch: small ops run inline
+            done += len(xb)
+            y[lo:lo + batch]
+    return done / (time.perf_counter() - t)
+
+
+def hpctrain_loader(path: Path, batch: int):
     """(b): the defaults of ShardLoader: block_rows 4096, buffer_blocks 8, prefetch 4, standardised."""
     from hpctrain.data.loader import ShardLoader
 
-    loader = ShardLoader(path, split="train", batch_size=batch, shuffle=True, seed=0)
+    return ShardLoader(path, split="train", batch_size=batch, shuffle=True, seed=0)
+
+
+def loader_epoch(loader, epoch: int) -> float:
+    """Rows/s of one epoch of ``loader``."""
     loader.set_epoch(epoch)
     rows, t = 0, time.perf_counter()
     for b in loader:
@@ -195,21 +231,33 @@ def main(argv=None) -> int:
               f"torch threads {torch.get_num_threads()}, train shards {size_mib:.0f} MiB (page cache warm)")
 
         best = {"a64k": 0.0, "a8k": 0.0, "b": 0.0}
+        # One loader for every round, as in a training run: it keeps its buffers from epoch to
+        # epoch, so its first epoch, which also allocates them, is reported on its own.
+        loader = hpctrain_loader(path, args.batch)
+        first_epoch = loader_epoch(loader, 0)
         for r in range(args.rounds):
             best["a64k"] = max(best["a64k"], raw_h5py(files, 65536))
             best["a8k"] = max(best["a8k"], raw_h5py(files, 8192))
-            best["b"] = max(best["b"], hpctrain_loader(path, args.batch, epoch=r))
+            best["b"] = max(best["b"], loader_epoch(loader, r + 1))
+            best["d"] = max(best.get("d", 0.0), order_work(args.rows, args.features, args.batch))
+        loader.close()
         naive = naive_loader(files, args.batch, args.naive_rows)
         ceiling = max(best["a64k"], best["a8k"])
 
         print(f"(a) raw h5py, 65536-row slices   {best['a64k'] / 1e6:8.2f} M rows/s")
         print(f"(a) raw h5py, 8192-row slices    {best['a8k'] / 1e6:8.2f} M rows/s")
         print(f"(b) hpctrain ShardLoader         {best['b'] / 1e6:8.2f} M rows/s  (batch {args.batch}, shuffled, "
-              f"standardised, torch tensors, best of {args.rounds} epochs)")
+              f"standardised, torch tensors, best of epochs 1-{args.rounds} of one loader)")
+        print(f"    its first epoch                {first_epoch / 1e6:8.2f} M rows/s  (allocating its buffers)")
+        print(f"(d) the global order's own work {best['d'] / 1e6:8.2f} M rows/s  (permute, take, standardise rows in "
+              f"memory, one thread, no loader)")
         print(f"(c) naive per-row DataLoader     {naive / 1e3:8.2f} k rows/s  (over {args.naive_rows:,} rows)")
         print(f"(b)/(a) = {best['b'] / ceiling:.2f} against the faster (a), "
               f"{best['b'] / best['a64k']:.2f} against 65536-row slices   (goal >= 0.5)")
         print(f"(b)/(c) = {best['b'] / naive:,.0f}                              (goal >= 1000)")
+        one_thread = 1 / (1 / ceiling + 1 / best["d"])  # reading, then the order's work, one after the other
+        print(f"one thread reading (a) and doing (d): {one_thread / 1e6:.2f} M rows/s = {one_thread / ceiling:.2f} of (a); "
+              f"(b) = {best['b'] / one_thread:.2f}x that")
 
         quarter = measure_rss(path, args.rows // 4, args.batch)
         full = measure_rss(path, args.rows, args.batch)

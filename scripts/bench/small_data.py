@@ -5,8 +5,9 @@ of breast_cancer), MLP 30-100-1, Adam 1e-3, batch 32, 200 epochs, validation (lo
 accuracy, exact AUC) every epoch. hpctrain runs as a user runs it (`python -m hpctrain run`,
 every file it writes); the plain loop is one Python process that reads the same HDF5 shards
 into memory, trains the same model on the same batches and validates every epoch, writing
-nothing. Runs are interleaved so the machine's drift hits both alike; medians of the
-per-pair ratios are printed. Goal: hpctrain <= 1.15x the plain loop at 200 epochs.
+nothing. Runs are interleaved, each repeat starting with the next of them in turn, so the
+machine's drift hits both alike; medians of the per-pair ratios are printed. Goal: hpctrain
+<= 1.15x the plain loop at 200 epochs.
 
     .venv/bin/python scripts/bench/small_data.py [--epochs 200] [--repeats 5] [--baseline DIR]
 
@@ -108,12 +109,18 @@ def main() -> None:
             config = write_config(folder, data, epochs)
             for repeat in range(args.repeats):
                 sweep = folder / f"sweep-{epochs}-{repeat}"
-                hp = timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir", str(sweep)], folder)
-                plain = timed([sys.executable, str(folder / "plain.py"), str(data), str(epochs)], folder)
-                base = 0.0
+                runs = {"hp": lambda: timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir",
+                                             str(sweep)], folder),
+                        "plain": lambda: timed([sys.executable, str(folder / "plain.py"), str(data), str(epochs)], folder)}
                 if args.baseline:
-                    base = timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir",
-                                  str(sweep) + "-base"], folder, source=str(Path(args.baseline).resolve()))
+                    runs["base"] = lambda: timed([sys.executable, "-m", "hpctrain", "run", str(config), "--sweep-dir",
+                                                  str(sweep) + "-base"], folder, source=str(Path(args.baseline).resolve()))
+                # Each repeat starts with the next process of the rotation, so that drift of the
+                # machine within a repeat favours none of them.
+                names = list(runs)
+                names = names[repeat % len(names):] + names[:repeat % len(names)]
+                took = {name: runs[name]() for name in names}
+                hp, plain, base = took["hp"], took["plain"], took.get("base", 0.0)
                 if epochs == args.epochs:
                     hp_times.append(hp), plain_times.append(plain), ratios.append(hp / plain)
                     base_times.append(base), base_ratios.append(base / plain)

@@ -4,8 +4,8 @@ Both train the same model (MLP 28-256-256-256-1, binary), on the same in-memory 
 (batch 1024), with the same Adam. The Trainer runs as in a real run - TensorLoader,
 single-process backend, per-epoch metrics (loss, accuracy, exact AUC), validation on a
 tiny split, divergence and stop checks every step - but writes no files. Repeats are
-interleaved so drift of the shared machine hits both alike; the median of the per-pair
-ratios is the headline figure.
+interleaved, each pair in the other order from the one before, so drift of the shared
+machine hits both alike; the median of the per-pair ratios is the headline figure.
 
     .venv/bin/python scripts/bench/trainer_overhead.py [--rows 65536] [--epochs 2] [--repeats 5]
 """
@@ -102,9 +102,12 @@ def main() -> None:
     trainer_loop(cfg, x[:8 * args.batch], y[:8 * args.batch], xv, yv, 1, device)
     wall: dict[str, list] = {"plain": [], "ours": []}
     cpu: dict[str, list] = {"plain": [], "ours": []}
+    runs = (("plain", lambda: plain_loop(cfg, x, y, args.epochs, device)),
+            ("ours", lambda: trainer_loop(cfg, x, y, xv, yv, args.epochs, device)))
     for i in range(args.repeats):
-        for name, run in (("plain", lambda: plain_loop(cfg, x, y, args.epochs, device)),
-                          ("ours", lambda: trainer_loop(cfg, x, y, xv, yv, args.epochs, device))):
+        # Alternate which loop goes first, so that a machine speeding up or slowing down over
+        # the run favours neither.
+        for name, run in (runs if i % 2 == 0 else runs[::-1]):
             w, c = run()
             wall[name].append(w)
             cpu[name].append(c)

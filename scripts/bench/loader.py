@@ -270,7 +270,7 @@ def main(argv=None) -> int:
             growth = (probe["peak"] - probe["before"]) / 2**20
             print(f"peak RSS over one epoch of {name:>14}: {probe['peak'] / 2**20:7.1f} MiB "
                   f"(+{growth:5.1f} MiB over the process before iterating)")
-        print(f"loader buffers by design: at most {kept} pooled 32768-row buffers (read + gathered) = {bound:.1f} MiB; "
+        print(f"loader buffers by design: at most {kept} pooled 32768-row buffers (read + served) = {bound:.1f} MiB; "
               f"dataset {size_mib:.0f} MiB")
     finally:
         if temp is not None and not args.keep:

@@ -68,8 +68,9 @@ RESIDENT_BYTES = 32 << 20
 # GIL with the training thread. A CPU run keeps to one: its cores are the training step's.
 AUTO_GPU_THREADS = 4
 EVAL_BATCH_ROWS, EVAL_BATCH_BYTES = 8192, 4 << 20  # eval_batch_size's bounds
-# Round buffers kept for reuse: the read-ahead queue's two, the round being filled, the one a
-# blocked hand-over holds and the one being cut into batches, and one to spare.
+# Round buffers kept for reuse, per pool: the round being filled, those queued between threads,
+# one a blocked hand-over holds, the one in use (being taken from, or whose batches are being
+# trained on or copied to a GPU), and one to spare.
 _POOL_BUFFERS = 6
 # torch runs an elementwise op of fewer elements than this (its grain size) on the calling
 # thread without waking its thread pool.
@@ -375,9 +376,9 @@ class ShardLoader:
             self._scales[device] = (torch.from_numpy(-mean * inv_std).to(device), torch.from_numpy(inv_std).to(device))
         return self._scales[device]
 
-    def buffer_pool(self, shapes: tuple, pinned: bool) -> "_BufferPool":
-        """The loader's pool of round buffers of these shapes, made on first use."""
-        key = (shapes, pinned)
+    def buffer_pool(self, role: str, shapes: tuple, pinned: bool) -> "_BufferPool":
+        """The loader's pool of round buffers of these shapes for one stage (``role``), made on first use."""
+        key = (role, shapes, pinned)
         if key not in self._pools:
             self._pools[key] = _BufferPool(functools.partial(_empty_arrays, shapes, pinned))
         return self._pools[key]
@@ -511,18 +512,19 @@ class _BatchProducer:
     """Everything one epoch's reading needs, copied from the loader so that the background
     threads hold no reference to the loader or its iterator.
 
-    Two stages: reading a round's rows from the files into a pooled buffer, and taking each
-    batch's rows from it into tensors of the batch's own. With ``read_ahead`` the reading
-    runs in a thread of its own, one round ahead: its preadv calls release the GIL, so
-    reading overlaps the gathering and standardisation. With the loader's ``threads`` > 1
-    each stage cuts its work (a round's reads, a batch's rows) into that many pieces run side
-    by side (``_Pieces``); the bytes are the same either way.
+    Two stages: reading a round's rows from the files into a buffer, and taking the rows in
+    batch order into the round's served buffer, standardised, whose views are the batches.
+    With ``read_ahead`` the reading runs in a thread of its own, one round ahead: its preadv
+    calls release the GIL, so reading overlaps the taking. With the loader's ``threads`` > 1
+    each stage cuts its work into that many pieces run side by side (``_Pieces``); the bytes
+    are the same either way.
 
-    Every batch is fresh memory that belongs to the caller alone: no view of a pooled buffer
-    leaves the producer, so a buffer goes back to its pool as soon as its round is cut, and
-    a batch kept by the caller (or saved by autograd, or on its way to a GPU) is never
-    overwritten. For a GPU the batches are page-locked, from torch's caching host allocator,
-    which reuses a block only once the copies queued from it have run.
+    Work is done a round at a time, not a batch at a time: one numpy take, one hand-over
+    between threads and one pooled buffer per round, where per-batch calls and hand-overs
+    cost more than the rows themselves (docs/benchmarks.md, "Loader"). The read buffer never
+    leaves the producer; the served buffer goes back to its pool once no batch cut from it is
+    referenced anywhere (``_BufferPool.lend_tensors``), so a batch kept by the caller, saved
+    by autograd or on its way to a GPU is never overwritten.
     """
 
     def __init__(self, loader: ShardLoader, plan: "StreamPlan | ContiguousPlan", first_batch: int,
@@ -531,10 +533,10 @@ class _BatchProducer:
         self.open_reader = loader.reader
         self.first_batch, self.read_ahead = first_batch, read_ahead
         self.pieces = _Pieces(loader.threads, _row_bytes(loader.meta))
-        meta = loader.meta
-        self._read_pool_rows = max(1, min(plan.round_batches * loader.batch_size, plan.rows))
-        self._read_pool = loader.buffer_pool(_shapes(self._read_pool_rows, meta), pinned=False)
-        self._served_pool = loader.buffer_pool(_shapes(self._read_pool_rows, meta), pinned=loader.device.type == "cuda")
+        shapes = _shapes(max(1, min(plan.round_batches * loader.batch_size, plan.rows)), loader.meta)
+        self._read_pool = loader.buffer_pool("read", shapes, pinned=False)
+        # Page-locked for a GPU, so that the copies to it run asynchronously.
+        self._served_pool = loader.buffer_pool("served", shapes, pinned=loader.device.type == "cuda")
         self.scale = scale  # (shift, factor) when the host standardises; see EpochIterator
 
     def __call__(self) -> Iterator[list]:
@@ -562,9 +564,8 @@ class _BatchProducer:
             reader.close()
 
     def _batches(self, rounds: Iterator[tuple]) -> Iterator[list]:
-        """Each round's batches, as one list. The round's rows left to serve are taken in batch
-        order into new tensors, all at once, and each batch is a view of them: one call per
-        round, not per batch, and one hand-over between threads per round."""
+        """Each round's batches, as one list: the round's rows left to serve, taken in batch
+        order into a served buffer all at once; each batch is a view of it."""
         for j, rnd, raw in rounds:
             first = j * self.plan.round_batches
             sizes = rnd.batch_rows[max(0, self.first_batch - first):]  # resumed: batches already trained on
@@ -577,7 +578,7 @@ class _BatchProducer:
                                 _cuts(0, hi - lo, self.pieces.parts(hi - lo)))
             finally:
                 self._read_pool.give_back(raw)
-            ends = np.cumsum(sizes).tolist()  # rows of the set: those before ``lo`` stay unused
+            ends = np.cumsum(sizes).tolist()  # a resumed round leaves the set's last rows unused
             yield [tuple(None if t is None else t[end - n:end] for t in rows) for n, end in zip(sizes, ends)]
 
     @staticmethod

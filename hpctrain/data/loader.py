@@ -569,7 +569,8 @@ class _BatchProducer:
         for j, rnd, raw in rounds:
             first = j * self.plan.round_batches
             sizes = rnd.batch_rows[max(0, self.first_batch - first):]  # resumed: batches already trained on
-            lo, hi = sum(rnd.batch_rows) - sum(sizes), sum(rnd.batch_rows)
+            hi = sum(rnd.batch_rows)
+            lo = hi - sum(sizes)
             try:
                 rows = self._served_pool.lend_tensors()
                 source = lo if rnd.order is None else rnd.order[lo:hi]

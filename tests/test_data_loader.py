@@ -14,7 +14,7 @@ import torch
 
 from hpctrain.config import DataConfig
 from hpctrain.data import loader as loader_module
-from hpctrain.data.loader import Batch, ShardLoader
+from hpctrain.data.loader import ORDER_VERSION, Batch, ShardLoader
 from hpctrain.data.shards import DatasetWriter, Meta, open_dataset
 from hpctrain.errors import ConfigError, DataError
 
@@ -250,6 +250,24 @@ def test_resume_under_other_order_settings(data):
     with pytest.warns(UserWarning, match="resuming at batch 4 of 10"):
         other.load_state_dict(state)  # the same fraction of the epoch
     assert other.state_dict()["batches_done"] == 4 and len(list(other)) == 6
+
+
+def test_a_position_saved_under_the_numpy_drawn_order_is_not_continued_as_exact(data):
+    """States saved before the shuffles came from torch generators carry no order_version:
+    their rows after the position would differ, so an exact resume is refused by name."""
+    ld = loader(data, world_size=2, rank=0)
+    it = iter(ld)
+    for _ in range(6):
+        next(it)
+    state = ld.state_dict()
+    it.close()
+    assert state["order_version"] == ORDER_VERSION
+    del state["order_version"]
+    other = loader(data, world_size=2, rank=0)
+    with pytest.raises(DataError, match=f"order_version None saved, {ORDER_VERSION} now"):
+        other.load_state_dict(state, strict=True)
+    with pytest.warns(UserWarning, match="resuming at batch 6 of 14"):
+        other.load_state_dict(state)
 
 
 def test_eval_split_contiguous_shares_all_rows(data):

@@ -72,12 +72,26 @@ class Loss:
             err = F.huber_loss(out, y, reduction="none", delta=self.huber_delta)
         return err.reshape(len(err), -1).mean(dim=1)
 
+    def mean(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The unweighted mean of ``per_sample``, in torch's fused reduction: one op forward and
+        one backward where the per-sample losses and their mean take two of each."""
+        if self.name == "bce":
+            return F.binary_cross_entropy_with_logits(out, y.to(out.dtype))
+        if self.name == "ce":
+            return F.cross_entropy(out, y)
+        y = y.to(out.dtype).reshape(out.shape)
+        if self.name == "mse":
+            return F.mse_loss(out, y)
+        if self.name == "mae":
+            return F.l1_loss(out, y)
+        return F.huber_loss(out, y, delta=self.huber_delta)
+
     def __call__(self, out: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor | int]:
         """(mean loss of the batch, its denominator: row count or sum of weights)."""
-        losses = self.per_sample(out, y)
         if not self.weighted:
-            return losses.mean(), len(losses)
+            return self.mean(out, y), len(out)
+        losses = self.per_sample(out, y)
         if w is None:
             raise DataError("loss.weighted is true but the data has no sample weights w; "
                             "convert the dataset with a weight column or set loss.weighted: false")
@@ -129,14 +143,15 @@ def _positive_rank_sum(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 def _positive_rank_sum_host(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """The same sum for scores on the CPU, with numpy: for a small epoch each torch op costs
-    more in dispatch than numpy's whole sort. The ranks are half-integers, so both sums are
-    exact and equal."""
+    more in dispatch than numpy's whole sort. A positive's average rank is the number of
+    scores below it plus half of those equal to it plus one half, so the sum is
+    (sum of #below + sum of #at-or-below + #positives) / 2: integers, exact. Searching the
+    positives in sorted order lets numpy resume each search where the last one ended."""
     s = scores.detach().to(torch.float64).numpy()
-    order = np.argsort(s)
-    s, pos = s[order], positive.numpy()[order]
-    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))  # first of each run of equal scores
-    counts = np.diff(np.append(starts, len(s)))
-    return float(np.repeat(starts + (counts + 1) / 2, counts)[pos].sum())
+    ordered, pos = np.sort(s), np.sort(s[positive.numpy()])
+    below = int(np.searchsorted(ordered, pos, "left").sum())
+    at_or_below = int(np.searchsorted(ordered, pos, "right").sum())
+    return (below + at_or_below + len(pos)) / 2
 
 
 class MetricSums:
@@ -173,7 +188,7 @@ class MetricSums:
             return {"losses": torch.zeros(0, dtype=torch.float64, device=device),
                     "dens": torch.zeros(0, dtype=torch.float64, device=device),
                     "outs": torch.zeros(0, device=device), "labels": torch.zeros(0, dtype=torch.int64, device=device)}
-        losses = torch.cat([t.reshape(-1) for t in self.losses])
+        losses = torch.stack(self.losses)  # batch means; a restored epoch's were unbound into them
         if all(not isinstance(d, torch.Tensor) for d in self.dens):  # row counts: one tensor, one copy
             dens = torch.tensor([float(d) for d in self.dens], dtype=torch.float64, device=device)
         else:
@@ -185,8 +200,9 @@ class MetricSums:
         return self._cat()
 
     def load_state_dict(self, state: dict) -> None:
-        """Start from a saved partial epoch (its tensors count as one entry each)."""
-        self.losses = [state["losses"].to(self.device)] if len(state["losses"]) else []
+        """Start from a saved partial epoch: its batch losses are entries again, its other
+        tensors one entry each."""
+        self.losses = list(state["losses"].to(self.device).unbind())
         self.dens = [state["dens"]] if len(state["dens"]) else []
         self.outs = [state["outs"].to(self.device)] if len(state["outs"]) else []
         self.labels = [state["labels"].to(self.device)] if len(state["labels"]) else []
@@ -200,21 +216,25 @@ class MetricSums:
         # (and, across ranks, the scores) come back to the CPU.
         c = self._cat(self.outs[0].device if self.outs else "cpu")
         outs, labels = c["outs"], c["labels"]
-        sums = torch.zeros(7, dtype=torch.float64, device=outs.device)
-        sums[0] = (c["losses"] * c["dens"]).sum()
-        sums[1] = c["dens"].sum()
-        sums[2] = len(labels)
+        reduced = [torch.dot(c["losses"], c["dens"]), c["dens"].sum()]
+        elems = 0
         if self.task == "binary":
-            sums[3] = ((outs > 0) == labels.to(torch.bool)).sum()
+            reduced.append((outs > 0).eq(labels).sum())
         elif self.task == "multiclass":
-            sums[3] = (outs == labels).sum()
+            reduced.append(outs.eq(labels).sum())
         elif len(outs):
             err = outs.double() - labels.double().reshape(outs.shape)
-            sums[4], sums[5], sums[6] = err.square().sum(), err.abs().sum(), err.numel()
-        sums = sums.cpu()
+            reduced += [err.square().sum(), err.abs().sum()]
+            elems = err.numel()
+        else:
+            reduced += [c["dens"].new_zeros(()), c["dens"].new_zeros(())]
+        # one copy back, in the order loss_num, loss_den, [correct | sq, ab], rows, elems
+        sums = torch.stack(reduced).to(torch.float64).tolist() + [float(len(labels)), float(elems)]
         if backend.size > 1:
-            sums = backend.allreduce_sum(sums)
-        loss_num, loss_den, rows, correct, sq, ab, elems = sums.tolist()
+            sums = backend.allreduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+        loss_num, loss_den, rows, elems = sums[0], sums[1], sums[-2], sums[-1]
+        correct = sums[2] if self.task != "regression" else 0.0
+        sq, ab = (sums[2], sums[3]) if self.task == "regression" else (0.0, 0.0)
         out = {f"{prefix}_loss": loss_num / loss_den if loss_den else float("nan")}
         if self.task in ("binary", "multiclass"):
             out[f"{prefix}_accuracy"] = correct / rows if rows else float("nan")

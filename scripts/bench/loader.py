@@ -97,14 +97,16 @@ def order_work(rows: int, features: int, batch: int, round_rows: int = 32768, st
     import numpy as np
     import torch
 
+    from hpctrain.data.loader import derived_seeds, permutation, seeded_generator
+
     x_round = np.random.default_rng(1).random((round_rows, features), dtype=np.float32)
     y_round = np.zeros(round_rows, np.int64)
     shift, factor = torch.zeros(features), torch.ones(features)
-    generators = [np.random.default_rng([0, p]) for p in range(streams)]  # one per stream and epoch
+    generators = [seeded_generator(seed) for seed in derived_seeds([0, 0], streams)]  # one per stream and epoch
     share = round_rows // streams
     done, t = 0, time.perf_counter()
     while done < rows:
-        perm = np.concatenate([p * share + g.permutation(share) for p, g in enumerate(generators)])
+        perm = np.concatenate([p * share + permutation(g, share) for p, g in enumerate(generators)])
         x, y = torch.from_numpy(x_round.take(perm, axis=0)), torch.from_numpy(y_round.take(perm))
         for lo in range(0, round_rows - batch + 1, batch):
             xb = x[lo:lo + batch]

@@ -612,7 +612,9 @@ class _BatchProducer:
             finally:
                 self._read_pool.give_back(raw)
             ends = np.cumsum(sizes).tolist()  # a resumed round leaves the set's last rows unused
-            yield [tuple(None if t is None else t[end - n:end] for t in rows) for n, end in zip(sizes, ends)]
+            x, y, w = rows
+            yield [(x[end - n:end], y[end - n:end], None if w is None else w[end - n:end])
+                   for n, end in zip(sizes, ends)]
 
     @staticmethod
     def _take(source: "np.ndarray | int", raw: tuple, out: tuple, scale: Optional[tuple], a: int, b: int) -> None:

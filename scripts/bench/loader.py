@@ -12,6 +12,8 @@ Prints rows/s for
   (d) the work the global order adds to reading, without the loader: each stream's share of a
       round permuted, the rows taken into batch order and standardised, on rows in memory,
       in one thread,
+  (e) (d) run twice at once, in two threads and in two processes, against one (d): how much a
+      second core adds to the order's work within one process and across processes,
 and the ratios (b)/(a) (goal >= 0.5) and (b)/(c) (goal >= 1000) from this same run, with
 what one thread doing (a)'s reads and then (d)'s work would reach, as a fraction of (a):
 the most a loader serving this order gets from one core.
@@ -114,6 +116,32 @@ def order_work(rows: int, features: int, batch: int, round_rows: int = 32768, st
             done += len(xb)
             y[lo:lo + batch]
     return done / (time.perf_counter() - t)
+
+
+def order_work_twice(rows: int, features: int, batch: int, how: str) -> float:
+    """(e): rows/s of two (d)s run at once, in two threads of this process (``how`` "threads")
+    or in two forked processes: how much of a second core the order's work can use."""
+    import multiprocessing
+    import threading
+
+    def work() -> None:
+        start.wait()
+        order_work(rows, features, batch)
+
+    if how == "threads":
+        start = threading.Barrier(3)
+        workers = [threading.Thread(target=work) for _ in range(2)]
+    else:
+        context = multiprocessing.get_context("fork")  # torch and numpy already imported
+        start = context.Barrier(3)
+        workers = [context.Process(target=work) for _ in range(2)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t = time.perf_counter()
+    for w in workers:
+        w.join()
+    return 2 * rows / (time.perf_counter() - t)
 
 
 def hpctrain_loader(path: Path, batch: int):
@@ -243,6 +271,8 @@ def main(argv=None) -> int:
             best["b"] = max(best["b"], loader_epoch(loader, r + 1))
             best["d"] = max(best["d"], order_work(args.rows, args.features, args.batch))
         loader.close()
+        twice = {how: max(order_work_twice(args.rows, args.features, args.batch, how) for _ in range(2))
+                 for how in ("threads", "processes")}
         naive = naive_loader(files, args.batch, args.naive_rows)
         ceiling = max(best["a64k"], best["a8k"])
 
@@ -253,6 +283,8 @@ def main(argv=None) -> int:
         print(f"    its first epoch                {first_epoch / 1e6:8.2f} M rows/s  (allocating its buffers)")
         print(f"(d) the global order's own work {best['d'] / 1e6:8.2f} M rows/s  (permute, take, standardise rows in "
               f"memory, one thread, no loader)")
+        print(f"(e) (d) twice at once: two threads {twice['threads'] / best['d']:.2f}x one thread's (d), "
+              f"two processes {twice['processes'] / best['d']:.2f}x  (what a second core adds)")
         print(f"(c) naive per-row DataLoader     {naive / 1e3:8.2f} k rows/s  (over {args.naive_rows:,} rows)")
         print(f"(b)/(a) = {best['b'] / ceiling:.2f} against the faster (a), "
               f"{best['b'] / best['a64k']:.2f} against 65536-row slices   (goal >= 0.5)")

@@ -126,7 +126,8 @@ def permutation(gen: torch.Generator, n: int) -> np.ndarray:
 def block_order(blocks: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return blocks
-    return blocks[permutation(seeded_generator(derived_seeds([seed, epoch, _BLOCK_SALT], 1)[0]), len(blocks))]
+    gen = seeded_generator(derived_seeds([seed, epoch, _BLOCK_SALT], 1)[0])
+    return blocks[permutation(gen, len(blocks))]
 
 
 def slice_segments(segments: list, ends: list[int], start: int, stop: int) -> list[list[int]]:
@@ -181,9 +182,11 @@ class GlobalOrder:
         else:
             self.last_rows = min(ceil_div(rest, streams) * streams, global_batch)
         self.batches = self.full_batches + (self.last_rows > 0)
-        self.share, self.last_share = stream_shares(global_batch, streams), stream_shares(self.last_rows, streams)
-        lengths = self.full_batches * self.share + self.last_share
-        self.stream_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        share, last_share = stream_shares(global_batch, streams), stream_shares(self.last_rows, streams)
+        lengths = self.full_batches * share + last_share
+        # Python ints: a round's plan does a few dozen sums with them, where numpy scalars cost more
+        self.share, self.last_share = share.tolist(), last_share.tolist()
+        self.stream_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64).tolist()
         self.round_batches = max(1, window_rows // global_batch)
         self.rounds = ceil_div(self.batches, self.round_batches)
 
@@ -198,8 +201,8 @@ class GlobalOrder:
     def stream_rows(self, p: int, first: int, stop: int) -> tuple[int, int]:
         """Positions [a, b) in the block sequence of stream ``p``'s rows of global batches [first, stop)."""
         def taken(k: int) -> int:
-            return int(min(k, self.full_batches) * self.share[p] + (self.last_share[p] if k > self.full_batches else 0))
-        return int(self.stream_start[p]) + taken(first), int(self.stream_start[p]) + taken(stop)
+            return min(k, self.full_batches) * self.share[p] + (self.last_share[p] if k > self.full_batches else 0)
+        return self.stream_start[p] + taken(first), self.stream_start[p] + taken(stop)
 
 
 class Round(NamedTuple):
@@ -254,7 +257,7 @@ class StreamPlan:
         """Interleave the streams' rows so that each batch is one contiguous run: stream p's
         share of batch 1, stream p+1's share of batch 1, ..., then batch 2."""
         full = max(0, min(stop, self.global_order.full_batches) - first)
-        shares = [int(self.global_order.share[p]) for p in self.streams]
+        shares = [self.global_order.share[p] for p in self.streams]
         heads = [pos[:full * c].reshape(full, c) for pos, c in zip(positions, shares)]
         tails = [pos[full * c:] for pos, c in zip(positions, shares)]
         return np.concatenate([np.concatenate(heads, axis=1).reshape(-1)] + tails)
@@ -283,7 +286,8 @@ class ContiguousPlan:
             seed = derived_seeds([self.seed, self.epoch, self.rank, j, _BUFFER_SALT], 1)[0]
             order = permutation(seeded_generator(seed), b - a)
         rows = [min(self.batch_size, self.rows - k * self.batch_size) for k in range(first, stop)]
-        return Round(_segment_array(sequence_segments(self.blocks, self.ends, self.lo + a, self.lo + b)), order, rows)
+        segments = sequence_segments(self.blocks, self.ends, self.lo + a, self.lo + b)
+        return Round(_segment_array(segments), order, rows)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -437,10 +441,9 @@ class ShardLoader:
 
     def _plan_values(self) -> dict:
         return {"split": self.split, "partition": self.partition, "global_batch": self.global_batch,
-                "order_version": ORDER_VERSION,
                 "streams": self.streams, "world_size": self.world_size, "batch_size": self.batch_size,
                 "seed": self.seed, "rows": self.rows, "remainder": self.remainder, "block_rows": self.block_rows,
-                "buffer_blocks": self.buffer_blocks, "shuffle": self.shuffle}
+                "buffer_blocks": self.buffer_blocks, "shuffle": self.shuffle, "order_version": ORDER_VERSION}
 
     def _plan_keys(self) -> tuple[str, ...]:
         # An eval split's shares are cut per rank, so there the world size matters too.

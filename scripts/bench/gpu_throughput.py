@@ -234,6 +234,12 @@ def run(args, data: Path, device: torch.device) -> dict:
 
     live_cfg = config(args, device, 1)
     live_rate, _ = trainer_loop(live_cfg, shard_loader(data, "train", args, device), val, args.features, device)
+    # What the reading threads cost the training step that shares the process with them.
+    live_by_threads = {n: 0.0 for n in (1, 4, 8)}
+    for _ in range(2):
+        for n in live_by_threads:
+            rate, _ = trainer_loop(live_cfg, shard_loader(data, "train", args, device, n), val, args.features, device)
+            live_by_threads[n] = max(live_by_threads[n], rate)
 
     # Adjacent pairs saw the same state of the machine; their ratio cancels drift between repeats.
     ratio = statistics.median(o / p for o, p in zip(ours, plain))
@@ -250,6 +256,7 @@ def run(args, data: Path, device: torch.device) -> dict:
         "gpu_step_rows_per_s": step_rows, "loader_vs_step": round(loader_rows / step_rows, 4),
         "loader_goal": LOADER_GOAL, "loader_goal_met": loader_rows / step_rows >= LOADER_GOAL,
         "trainer_live_loader_rows_per_s": live_rate, "trainer_live_vs_plain": round(live_rate / step_rows, 4),
+        "trainer_live_rows_per_s_by_threads": live_by_threads,
     }
     print(f"trainer vs plain loop (median of pairs): {ratio:.3f} (goal >= {TRAINER_GOAL}: "
           f"{'met' if figures['trainer_goal_met'] else 'NOT met'}); plain {step_rows:,.0f} rows/s, "
@@ -258,7 +265,8 @@ def run(args, data: Path, device: torch.device) -> dict:
           f"{'met' if figures['loader_goal_met'] else 'NOT met'}); loader {loader_rows:,.0f} rows/s to "
           f"{device.type} ({max(cpu_rates):,.0f} to the CPU), steps consume {step_rows:,.0f} rows/s")
     print(f"trainer reading the loader live: {live_rate:,.0f} rows/s, {figures['trainer_live_vs_plain']:.3f} "
-          f"of the plain loop on kept batches", flush=True)
+          f"of the plain loop on kept batches; by reading threads: "
+          + ", ".join(f"{n}: {rate:,.0f}" for n, rate in live_by_threads.items()) + " rows/s", flush=True)
     return figures
 
 

@@ -614,10 +614,7 @@ class _BatchProducer:
                                 _cuts(0, hi - lo, self.pieces.parts(hi - lo)))
             finally:
                 self._read_pool.give_back(raw)
-            ends = np.cumsum(sizes).tolist()  # a resumed round leaves the set's last rows unused
-            x, y, w = rows
-            yield [(x[end - n:end], y[end - n:end], None if w is None else w[end - n:end])
-                   for n, end in zip(sizes, ends)]
+            yield _cut_batches(rows, sizes)
 
     @staticmethod
     def _take(source: "np.ndarray | int", raw: tuple, out: tuple, scale: Optional[tuple], a: int, b: int) -> None:
@@ -651,6 +648,15 @@ class _BatchProducer:
             reader.read(shard, start, stop, *(None if arr is None else arr[at:at + n] for arr in arrays))
 
         self.pieces.run(read, jobs)
+
+
+def _cut_batches(rows: tuple, sizes: list[int]) -> list[tuple]:
+    """The batches (x, y, w) of ``sizes`` rows from the start of a served buffer's tensors
+    (a resumed round leaves its last rows unused): one torch split per tensor, where
+    slicing each batch cost a Python call per batch and tensor."""
+    total = sum(sizes)
+    x, y, w = (None if t is None else t[:total].split(sizes) for t in rows)
+    return list(zip(x, y, w if w is not None else [None] * len(sizes)))
 
 
 def _standardize(x: np.ndarray, scale: tuple) -> None:

@@ -7,7 +7,7 @@
 #   SLURM_CONF=... scripts/bench/run-all.sh      # adds the Slurm ones (scripts/local-slurm.sh start)
 #
 # OUTDIR gets one log per benchmark (the command on its first line) and summary.txt with
-# the load average before and after each.
+# the load average before and after each; steadiness.py runs first and last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -29,6 +29,9 @@ bench() {  # NAME ARGS...
 }
 
 git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+# How much the machine's own speed moves, before and after: a ratio closer to its goal than
+# this spread is not told apart from noise by one run.
+bench steadiness_before scripts/bench/steadiness.py --json "$OUT/steadiness_before.json"
 bench small_data scripts/bench/small_data.py --repeats 5
 bench trainer_overhead scripts/bench/trainer_overhead.py --threads 1
 bench loader scripts/bench/loader.py
@@ -42,5 +45,6 @@ if [ -n "${SLURM_CONF:-}" ]; then
     bench submit scripts/bench/submit.py
     bench large_grid_slurm scripts/bench/large_grid.py --executor slurm
 fi
+bench steadiness_after scripts/bench/steadiness.py --json "$OUT/steadiness_after.json"
 echo "results in $OUT"
 exit $failed

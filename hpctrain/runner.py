@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -246,6 +246,8 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
         with backend.collective_errors():
             rungs = _rung_book(sweep, spec, overfit_batches)
             result = _fit(parts, recorder, stop_flag, log, overfit_batches, rungs)
+        if result.overfit_passed is not None and is_root:
+            log(result.message)
         if result.overfit_passed is False:  # the check's verdict, recorded in its scratch folder
             result.status = "failed"
             if is_root:
@@ -293,32 +295,43 @@ def _rung_book(sweep: SweepDir, spec: RunSpec, overfit_batches: Optional[int]) -
 def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_batches: Optional[int],
          rungs: Any = None):
     from .train.loop import Trainer
+    from .train.overfit import OverfitCheck
     from .train.run_log import Throttled
 
     root = parts.backend.is_root
+    check, on_epoch_end = None, _rung_judge(rungs, log) if rungs is not None else None
+    if overfit_batches:
+        check = OverfitCheck(overfit_batches, parts.cfg.data.task)
+        cfg, train, val = check.setup(parts.cfg, parts.train_loader)
+        parts = replace(parts, cfg=cfg, train_loader=train, val_loader=val, test_loader=None)
+        on_epoch_end = check.on_epoch_end
     live = _live_tensorboard(parts.cfg, recorder, log) if root else None
     record = Throttled(recorder.report, parts.cfg.train.state_every_s)
     on_progress = (record if live is None else _both(record, live)) if root else None
     trainer = Trainer(parts.cfg, parts.model, parts.train_loader, parts.val_loader, parts.backend,
                       run_dir=recorder.run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
-                      log=log if root else _quiet, overfit_batches=overfit_batches,
-                      model_meta=parts.model_meta, on_progress=on_progress,
-                      on_epoch_end=_rung_judge(parts.cfg, rungs, log) if rungs is not None else None)
+                      log=log if root else _quiet, model_meta=parts.model_meta, on_progress=on_progress,
+                      on_epoch_end=on_epoch_end)
     try:
-        return trainer.fit()
+        if check is None:
+            return trainer.fit()
+        check.start(trainer.evaluate)
+        return check.judge(trainer.fit(), trainer.rows)
     finally:
         if live is not None:
             live.close()
 
 
-def _rung_judge(cfg: Config, rungs: Any, log: Log) -> Callable[[int, dict], Optional[str]]:
+def _rung_judge(rungs: Any, log: Log) -> Callable[[int, dict], Any]:
     """The trainer's on_epoch_end for successive halving: rank 0 asks the sweep's rung book."""
-    def judge(epoch: int, metrics: dict) -> Optional[str]:
+    from .train.loop import EndRun
+
+    def judge(epoch: int, metrics: dict) -> Optional[EndRun]:
         decision = rungs.at_epoch_end(epoch, metrics)
         if decision is None:
             return None
         log(decision.message(rungs.metric))
-        return None if decision.go_on else decision.message(rungs.metric)
+        return None if decision.go_on else EndRun("pruned", decision.message(rungs.metric))
     return judge
 
 

@@ -17,6 +17,7 @@ from hpctrain.train.checkpoint import load_checkpoint
 from hpctrain.runstate import RunRecorder, RunState, read_state
 from state_files import put_state
 from hpctrain.train.loop import Trainer
+from hpctrain.train.overfit import OverfitCheck
 from hpctrain.train.run_log import parse_metrics_csv
 from hpctrain.train.signals import StopFlag
 
@@ -42,8 +43,7 @@ def make_data(task="binary", n=300, f=6, seed=0, weights=False):
     return x, y, w
 
 
-def make_trainer(cfg, run_dir=None, stop_flag=None, n=300, weights=False, log=None, overfit_batches=None,
-                 model_seed=0):
+def make_trainer(cfg, run_dir=None, stop_flag=None, n=300, weights=False, log=None, model_seed=0):
     x, y, w = make_data(cfg.data.task, n=n, weights=weights)
     a, b = int(n * 0.6), int(n * 0.8)
     bs = cfg.data.batch_size
@@ -59,8 +59,7 @@ def make_trainer(cfg, run_dir=None, stop_flag=None, n=300, weights=False, log=No
             "standardize": False, "mean": [0.0] * x.shape[1], "std": [1.0] * x.shape[1]}
     logs = [] if log is None else log
     trainer = Trainer(cfg, model, train, val, NoneBackend(device_preference="cpu"), run_dir=run_dir,
-                      test_loader=test, stop_flag=stop_flag, log=logs.append, overfit_batches=overfit_batches,
-                      model_meta=meta, on_progress=RunRecorder(run_dir).report if run_dir is not None else None)
+                      test_loader=test, stop_flag=stop_flag, log=logs.append, model_meta=meta, on_progress=RunRecorder(run_dir).report if run_dir is not None else None)
     return trainer, logs
 
 
@@ -333,20 +332,54 @@ def test_divergence_stops_with_state_diverged(tmp_path):
 # ---------------------------------------------------------------------------- overfit check
 
 
+def overfit_check(cfg, n_batches):
+    """An overfit check of ``n_batches`` batches wired to a Trainer as the runner wires it."""
+    check = OverfitCheck(n_batches, cfg.data.task)
+    trainer, logs = make_trainer(cfg)
+    checked, train, val = check.setup(cfg, trainer.train_loader)
+    model = trainer.raw_model
+    trainer = Trainer(checked, model, train, val, NoneBackend(device_preference="cpu"), log=logs.append,
+                      model_meta=trainer.model_meta, on_epoch_end=check.on_epoch_end)
+    check.start(trainer.evaluate)
+    return check, trainer, logs
+
+
 def test_overfit_batches_passes_on_a_learnable_problem():
     cfg = make_cfg(model={"hidden": [64, 64], "dropout": 0.0}, optim={"lr": 0.01}, train={"epochs": 300})
-    trainer, logs = make_trainer(cfg, overfit_batches=2)
-    result = trainer.fit()
-    assert result.overfit_passed is True
+    check, trainer, logs = overfit_check(cfg, 2)
+    result = check.judge(trainer.fit(), trainer.rows)
+    assert result.status == "done" and result.overfit_passed is True
     assert "passed" in result.message and "2 fixed batches (64 rows)" in result.message
-    assert result.epoch < 300 and result.message in logs and result.test_metrics == {}
+    assert result.epoch < 300 and result.test_metrics == {}
+    assert trainer.rows[-1]["val_accuracy"] >= 0.99 and len(trainer.rows) == result.epoch
+
+
+def test_overfit_batches_trains_on_the_same_batches_each_epoch_with_them_as_validation():
+    cfg = make_cfg(model={"hidden": [64, 64], "dropout": 0.0}, optim={"lr": 0.01},
+                   train={"epochs": 3, "early_stopping": {"patience": 1}})
+    check, trainer, _ = overfit_check(cfg, 3)
+    assert trainer.monitor == "val_loss" and trainer.early.patience is None and trainer.test_loader is None
+    first = [b.x.clone() for b in trainer.train_loader]
+    trainer.fit()
+    assert len(trainer.train_loader) == 3 and all(torch.equal(a, b.x) for a, b in zip(first, trainer.train_loader))
+    assert trainer.val_loader.batches is trainer.train_loader.batches
 
 
 def test_overfit_batches_reports_failure():
     cfg = make_cfg(model={"hidden": [2], "dropout": 0.0}, optim={"lr": 1e-5}, train={"epochs": 2})
-    trainer, _ = make_trainer(cfg, overfit_batches=2)
-    result = trainer.fit()
-    assert result.overfit_passed is False and "FAILED" in result.message
+    check, trainer, _ = overfit_check(cfg, 2)
+    result = check.judge(trainer.fit(), trainer.rows)
+    assert result.overfit_passed is False and "FAILED to reach accuracy >= 0.99" in result.message
+    assert result.epoch == 2
+
+
+def test_overfit_batches_of_a_regression_judge_the_loss_against_its_start():
+    cfg = make_cfg("regression", model={"hidden": [64, 64], "dropout": 0.0}, optim={"lr": 0.01},
+                   train={"epochs": 2})
+    check, trainer, _ = overfit_check(cfg, 2)
+    result = check.judge(trainer.fit(), trainer.rows)
+    assert check.start_loss > 0 and result.overfit_passed is (trainer.rows[-1]["val_loss"] <= 0.01 * check.start_loss)
+    assert f"(from {check.start_loss:.4g})" in result.message
 
 
 def test_checkpoints_held_back_by_the_minimum_interval_hold_the_same_content(tmp_path):

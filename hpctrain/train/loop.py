@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -58,6 +58,12 @@ class Event(Enum):
     MAX_STEPS = "max_steps"    # train.max_steps reached: end the epoch as usual, then the run
 
 
+class EndRun(NamedTuple):
+    """``on_epoch_end``'s answer that ends the run after the epoch just ended."""
+    status: str   # "pruned" (successive halving, prune.py) or "done" (a target reached, overfit.py)
+    message: str
+
+
 @dataclass
 class FitResult:
     status: str                       # done | diverged | preempted | pruned
@@ -70,7 +76,7 @@ class FitResult:
     samples_per_s: Optional[float] = None
     wall_time_s: float = 0.0
     resumed_from: Optional[str] = None  # checkpoint file name the run resumed from
-    overfit_passed: Optional[bool] = None
+    overfit_passed: Optional[bool] = None  # the overfit check's verdict (overfit.py), None otherwise
 
 
 @dataclass
@@ -124,42 +130,16 @@ class EarlyStopping:
         self.best, self.wait, self.stopped = state["best"], int(state["wait"]), bool(state["stopped"])
 
 
-class FixedBatches:
-    """The same few batches every epoch (overfit check), with the loader protocol."""
-
-    def __init__(self, batches: list, meta: Optional[dict] = None):
-        self.batches, self.meta = batches, meta
-        self.epoch, self.batches_done = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_done = epoch, 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        start, self._resume_at = getattr(self, "_resume_at", 0), 0
-        for i in range(start, len(self.batches)):
-            self.batches_done = i + 1
-            yield self.batches[i]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
-        self._resume_at = self.batches_done
-
-
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, val_loader, backend,
                  run_dir: str | Path | None = None, test_loader=None, stop_flag=None,
-                 log: Callable[[str], None] = print, overfit_batches: Optional[int] = None,
-                 model_meta: Optional[dict] = None, on_progress: Optional[Callable[[Progress], None]] = None,
-                 on_epoch_end: Optional[Callable[[int, dict], Optional[str]]] = None):
+                 log: Callable[[str], None] = print, model_meta: Optional[dict] = None,
+                 on_progress: Optional[Callable[[Progress], None]] = None,
+                 on_epoch_end: Optional[Callable[[int, dict], Optional[EndRun]]] = None):
         """``on_progress`` (rank 0) receives the reports; ``on_epoch_end(epoch, metrics)`` (rank 0)
-        may end the run after an epoch by returning a message: the run ends ``pruned``
-        (successive halving's rung decision, prune.py), with its checkpoints saved."""
+        may end the run after an epoch by returning an EndRun: the run ends with its status
+        (``pruned`` by successive halving's rung decision, prune.py; ``done`` by the overfit
+        check's target, overfit.py), with its checkpoints saved."""
         self.cfg, self.backend, self.log = cfg, backend, log
         self.on_progress = on_progress
         self.on_epoch_end = on_epoch_end
@@ -180,22 +160,16 @@ class Trainer:
                       if cfg.train.metrics else None)
         self.metric_keys = metric_names(self.task) + metric_keys(cfg.train.metrics)
 
-        self.overfit_batches = overfit_batches
-        if overfit_batches:
-            train_loader = _fixed_batches(train_loader, overfit_batches)
-            val_loader = FixedBatches(train_loader.batches)
-            test_loader = None
         if len(train_loader) == 0:
             raise DataError(f"the train split gives rank {backend.rank} no batches; use fewer ranks, a "
                             f"smaller data.batch_size or more rows")
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
 
         tc = cfg.train
-        self.monitor = "val_loss" if overfit_batches else tc.monitor
+        self.monitor = tc.monitor
         check_monitor(self.monitor, self.task, has_val=val_loader is not None, extra=metric_keys(tc.metrics))
         self.mode = better_mode(self.monitor, tc.mode)
-        self.early = EarlyStopping(None if overfit_batches else tc.early_stopping.patience,
-                                   tc.early_stopping.min_delta, self.mode)
+        self.early = EarlyStopping(tc.early_stopping.patience, tc.early_stopping.min_delta, self.mode)
         planned = tc.epochs * len(train_loader)
         self.schedule = build_schedule(cfg.schedule, cfg.optim.lr,
                                        min(planned, tc.max_steps or planned), self.mode)
@@ -237,16 +211,11 @@ class Trainer:
     def _fit(self, resumed: Optional[str], t0: float) -> FitResult:
         self.backend.broadcast_state(self.model, self.optimizer)
         self._report("running", f"resumed from {resumed}" if resumed else "")
-        if self.overfit_batches:
-            self._overfit_start = self._evaluate(self.val_loader, "val")["val_loss"]
         outcome, message = self._run_epochs()
         self.checkpoints.wait()  # the run's end is reported with its checkpoints and rows on disk
         self.run_log.sync()
         result = FitResult(outcome, self.epoch, self.step, self.best_metric, self.best_epoch, message,
                            resumed_from=resumed)
-        if outcome == "done" and self.overfit_batches:
-            result.overfit_passed, result.message = self._overfit_verdict()
-            self.log(result.message)
         if outcome == "done" and self.test_loader is not None and self.cfg.train.evaluate_test:
             result.test_metrics = self._evaluate_best_on_test()
         result.wall_time_s = time.monotonic() - t0
@@ -261,7 +230,7 @@ class Trainer:
         if self.rows:  # resumed: a decision taken at the checkpoint's epoch stands (prune.py)
             verdict = self._verdict(self.rows[-1])
             if verdict:
-                return "pruned", verdict
+                return verdict.status, verdict.message
         while self.epoch < tc.epochs and not self._max_steps_reached():
             event, detail = self._train_epoch()
             if event is Event.DIVERGED:
@@ -270,13 +239,11 @@ class Trainer:
                 self._save(last=True)
                 where = f"epoch {self.epoch + 1}, step {self.step}"
                 return "preempted", f"stopped by {detail} at {where}; saved last.pt"
-            diverged, stop_early, passed, verdict = self._end_epoch()
+            diverged, stop_early, verdict = self._end_epoch()
             if diverged:
                 return "diverged", diverged
             if verdict:
-                return "pruned", verdict
-            if passed:
-                break
+                return verdict.status, verdict.message
             if stop_early:
                 return "done", (f"early stopping at epoch {self.epoch}: {self.monitor} did not improve for "
                                 f"{self.early.patience} epochs (best {self.best_metric:.6g} at epoch {self.best_epoch})")
@@ -401,18 +368,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ end of epoch
 
-    def _end_epoch(self) -> tuple[Optional[str], bool, bool, Optional[str]]:
+    def _end_epoch(self) -> tuple[Optional[str], bool, Optional[EndRun]]:
         """Metrics, schedule, best and early stopping, files; (diverged message, stop early,
-        overfit passed, on_epoch_end's message)."""
+        on_epoch_end's answer)."""
         metrics = self.train_sums.compute(self.backend, "train")
         if self.val_loader is not None:
-            metrics.update(self._evaluate(self.val_loader, "val"))
+            metrics.update(self.evaluate(self.val_loader, "val"))
         self.epoch += 1
         self.batch_in_epoch = 0
         for key in ("train_loss", "val_loss"):
             if key in metrics and not math.isfinite(metrics[key]):
                 return (f"{key} is {metrics[key]} at epoch {self.epoch}, step {self.step}: training diverged; "
-                        f"try a lower optim.lr or optim.grad_clip"), False, False, None
+                        f"try a lower optim.lr or optim.grad_clip"), False, None
         value = metrics[self.monitor]
         self.schedule.epoch_end(value)
         improved = self._is_better(value)
@@ -423,23 +390,21 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step, "lr": self._lr if self._lr is not None else 0.0}
         row.update(_ordered(metrics, self.metric_keys, has_val=self.val_loader is not None))
         row_text = self.rows.append(row)
-        passed = bool(self.overfit_batches) and self._overfit_reached(metrics)
         # Decided before the checkpoint, so a run restarted from it finds the decision recorded.
         verdict = self._verdict(metrics)
         if improved and self.extra is not None and "confusion" in self.cfg.train.metrics:
             self._write_confusion()
-        final = (self.epoch >= self.cfg.train.epochs or stop_early or passed or self._max_steps_reached()
-                 or verdict is not None)
+        final = self.epoch >= self.cfg.train.epochs or stop_early or self._max_steps_reached() or verdict is not None
         elapsed = self.elapsed_before + time.monotonic() - self._t0
         self.run_log.append(row_text, timing_line(self.epoch, self._epoch_train_time, self._epoch_speed(), elapsed))
         self.checkpoints.save_epoch_end(self._payload, self.epoch, final, improved)
         self._log_epoch(metrics)
         self._report("running")
-        return None, stop_early, passed, verdict
+        return None, stop_early, verdict
 
-    def _verdict(self, metrics: dict) -> Optional[str]:
+    def _verdict(self, metrics: dict) -> Optional[EndRun]:
         """on_epoch_end's answer for the epoch just ended, rank 0's on every rank."""
-        if self.on_epoch_end is None or self.overfit_batches:
+        if self.on_epoch_end is None:
             return None
         answer = self.on_epoch_end(self.epoch, metrics) if self.backend.is_root else None
         return self.backend.broadcast_object(answer) if self.backend.size > 1 else answer
@@ -460,7 +425,7 @@ class Trainer:
         return value < self.best_metric if self.mode == "min" else value > self.best_metric
 
     @torch.no_grad()
-    def _evaluate(self, loader, prefix: str) -> dict[str, float]:
+    def evaluate(self, loader, prefix: str) -> dict[str, float]:
         """Loss and metrics of a split over every rank, in eval mode (no dropout, running BN stats)."""
         was_training = self.model.training
         self.model.eval()
@@ -584,7 +549,7 @@ class Trainer:
     def _last_loss(self) -> float:
         return self._pending_losses[-1].item() if self._pending_losses else float("nan")
 
-    # ------------------------------------------------------------------ test split and overfit check
+    # ------------------------------------------------------------------ test split
 
     def _evaluate_best_on_test(self) -> dict[str, float]:
         state = self._best_state
@@ -594,28 +559,10 @@ class Trainer:
             self.raw_model.load_state_dict(state)
         else:
             self.log("warning: no best checkpoint; the test split is evaluated with the final weights")
-        metrics = self._evaluate(self.test_loader, "test")
+        metrics = self.evaluate(self.test_loader, "test")
         if self.backend.is_root:
             self.log("test  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
-
-    def _overfit_reached(self, metrics: dict) -> bool:
-        if self.task == "regression":
-            return metrics["val_loss"] <= 0.01 * getattr(self, "_overfit_start", float("inf"))
-        return metrics["val_accuracy"] >= 0.99
-
-    def _overfit_verdict(self) -> tuple[bool, str]:
-        last = self.rows[-1] if self.rows else {}
-        passed = bool(last) and self._overfit_reached(last)
-        rows = sum(len(b.x) for b in self.train_loader.batches)
-        what = (f"loss {last.get('val_loss', float('nan')):.4g} (from {getattr(self, '_overfit_start', float('nan')):.4g})"
-                + (f", accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""))
-        head = f"overfit check on {self.overfit_batches} fixed batches ({rows} rows) after {self.epoch} epochs: {what}"
-        if passed:
-            return True, f"{head}: passed, the model and training loop can fit the data"
-        target = "loss below 1% of its start" if self.task == "regression" else "accuracy >= 0.99"
-        return False, (f"{head}: FAILED to reach {target}; check labels, the loss, the learning rate "
-                       f"and the model size, or train more epochs")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -633,16 +580,6 @@ def _close(iterator) -> None:
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
-
-
-def _fixed_batches(loader, n: int) -> FixedBatches:
-    loader.set_epoch(0)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == n:
-            break
-    return FixedBatches(batches, getattr(loader, "meta", None))
 
 
 def _merge_sums(parts: list[dict]) -> dict:

@@ -301,7 +301,7 @@ def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_
     root = parts.backend.is_root
     check, on_epoch_end = None, _rung_judge(rungs, log) if rungs is not None else None
     if overfit_batches:
-        check = OverfitCheck(overfit_batches, parts.cfg.data.task)
+        check = OverfitCheck(overfit_batches, parts.cfg.data.task, parts.backend.size)
         cfg, train, val = check.setup(parts.cfg, parts.train_loader)
         parts = replace(parts, cfg=cfg, train_loader=train, val_loader=val, test_loader=None)
         on_epoch_end = check.on_epoch_end

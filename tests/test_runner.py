@@ -78,6 +78,23 @@ def test_run_under_mpirun_uses_two_ranks(tmp_path):
     assert out.stdout.count("epoch 3/3") == 1  # only rank 0 reports
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_overfit_check_over_two_ranks_trains_their_parts_of_the_same_batches(tmp_path, backend):
+    # The loss before training is a collective evaluation before fit: every rank must take part.
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "--index", "0", "train.epochs=300", "optim.lr=0.03",
+                   "model.dropout=0.0", f"dist.backend={backend}", "--overfit-batches", "2", "--sweep-dir",
+                   str(sweep), mpi_ranks=2, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("passed, the model and training loop can fit the data") == 2  # the verdict, the run's line
+    run = run_dir(sweep, 0)
+    state = json.loads((sweep / "overfit" / run.name / "state.json").read_text())
+    assert (state["status"], state["world_size"], state["backend"]) == ("done", 2, backend)
+    assert "2 fixed batches (256 rows)" in state["message"]  # 2 global batches of 2 x 64 rows
+    assert not (run / "metrics.csv").exists()
+
+
 def test_missing_dataset_is_refused_with_the_folder_named_before_anything_is_written(tmp_path):
     cfg = small_config(tmp_path)
     cfg.write_text(cfg.read_text().replace("  synth: {rows: 2000, features: 6, shards: 3}\n", ""))

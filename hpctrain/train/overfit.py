@@ -68,12 +68,13 @@ def first_batches(loader: Any, n: int) -> FixedBatches:
 
 
 class OverfitCheck:
-    """One overfit check of ``n_batches`` batches for a run of task ``task``."""
+    """One overfit check of ``n_batches`` batches for a run of task ``task`` on ``world_size``
+    ranks: each rank keeps its part of the same global batches."""
 
-    def __init__(self, n_batches: int, task: str):
+    def __init__(self, n_batches: int, task: str, world_size: int = 1):
         if n_batches < 1:
             raise ValueError(f"--overfit-batches: {n_batches}; expected at least 1 batch")
-        self.n_batches, self.task = n_batches, task
+        self.n_batches, self.task, self.world_size = n_batches, task, world_size
         self.start_loss = float("inf")
         self.train: Optional[FixedBatches] = None
         self.val: Optional[FixedBatches] = None
@@ -112,7 +113,7 @@ class OverfitCheck:
         return result
 
     def _message(self, passed: bool, last: dict, epochs: int) -> str:
-        rows = sum(len(b.x) for b in self.train.batches)
+        rows = sum(len(b.x) for b in self.train.batches) * self.world_size  # every rank's part is as long
         what = (f"loss {last.get('val_loss', float('nan')):.4g} (from {self.start_loss:.4g})"
                 + (f", accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""))
         head = f"overfit check on {self.n_batches} fixed batches ({rows} rows) after {epochs} epochs: {what}"

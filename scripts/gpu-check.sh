@@ -9,7 +9,10 @@
 #   2. an import check: hpctrain.runner, hpctrain.cli and load_best's modules import
 #      without submitit and horovod (the GPU machine has neither);
 #   3. python -m pytest -m gpu tests/test_gpu.py (python tests/test_gpu.py without pytest);
-#   4. scripts/bench/gpu_throughput.py: Trainer vs a plain loop, loader vs the GPU's steps.
+#   4. scripts/bench/gpu_throughput.py: Trainer vs a plain loop, loader vs the GPU's steps;
+#   5. for information, the CPU loader benchmark and the steadiness probe on this node's
+#      cores (scripts/bench/loader.py, steadiness.py): the loader's goal against raw h5py
+#      reads, measured on real cores where the 2-core development VM cannot show it.
 # Writes OUTDIR/gpu-check.txt and OUTDIR/gpu-check.json (the summary), and the logs,
 # test report and benchmark figures beside them. Exit 0 when every part passed; the
 # benchmark's goals are reported, not enforced.
@@ -146,13 +149,20 @@ timeout -k 10 150 "$PY" scripts/bench/gpu_throughput.py "${BENCH_ARGS[@]}" --jso
     | tee "$OUT/gpu_throughput.log"
 BENCH_RC=${PIPESTATUS[0]}
 
+# ------------------------------------------------------------------ 5. the CPU loader, for information
+echo "gpu-check: CPU loader and steadiness ($(elapsed) s)"
+timeout -k 10 60 "$PY" scripts/bench/steadiness.py --json "$OUT/steadiness.json" > "$OUT/steadiness.log" 2>&1
+timeout -k 10 180 "$PY" scripts/bench/loader.py --rounds 3 > "$OUT/loader.log" 2>&1
+LOADER_RC=$?
+grep -E '^\(b\)/\(a\)|^\(b\)/\(c\)|^one thread' "$OUT/loader.log"
+
 # ------------------------------------------------------------------ summary
-"$PY" - "$OUT" "$IMPORTS_RC" "$TESTS_RC" "$BENCH_RC" "$(elapsed)" <<'EOF'
+"$PY" - "$OUT" "$IMPORTS_RC" "$TESTS_RC" "$BENCH_RC" "$(elapsed)" "$LOADER_RC" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, imports_rc, tests_rc, bench_rc, seconds = Path(sys.argv[1]), *map(int, sys.argv[2:6])
+out, imports_rc, tests_rc, bench_rc, seconds, loader_rc = Path(sys.argv[1]), *map(int, sys.argv[2:7])
 
 def read_json(name):
     try:
@@ -181,8 +191,14 @@ except (OSError, ET.ParseError, AttributeError):
     if cases:
         failed = sum(v == "failed" for v in cases.values())
         tests.update(tests=len(cases), failures=failed, errors=0, skipped=0, cases=cases)
+try:
+    loader_lines = [" ".join(ln.split()) for ln in (out / "loader.log").read_text(errors="replace").splitlines()
+                    if ln.startswith(("(b)/(a)", "(b)/(c)"))]
+except OSError:
+    loader_lines = []
 summary = {"device": device, "imports_ok": imports_rc == 0, "imports": read_json("imports.json"), "tests": tests,
-           "benchmark": bench, "benchmark_exit": bench_rc, "seconds": seconds}
+           "benchmark": bench, "benchmark_exit": bench_rc, "seconds": seconds,
+           "cpu_loader": {"exit": loader_rc, "lines": loader_lines}, "steadiness": read_json("steadiness.json")}
 summary["ok"] = imports_rc == 0 and tests_rc == 0 and bench_rc == 0 and bench is not None
 (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -208,6 +224,7 @@ if bench:
               f"  trainer on the live loader / plain loop: {bench['trainer_live_vs_plain']:.3f}"]
 else:
     lines.append(f"benchmark: FAILED (exit {bench_rc}, see gpu_throughput.log)")
+lines.append(f"CPU loader (for information, exit {loader_rc}): " + ("; ".join(loader_lines) or "no figures"))
 lines.append(f"result: {'ok' if summary['ok'] else 'FAILED'} in {seconds} s")
 text = "\n".join(lines) + "\n"
 (out / "gpu-check.txt").write_text(text)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from .config import Config, ConfigError, read_raw
 from .errors import DataError, HpctrainError
+from .gcpolicy import settle
 from .runstate import RunRecorder, RunState
 from .sweep import RunSpec, SweepDir, default_sweep_dir, expand, load_sweep
 
@@ -265,6 +266,7 @@ def run_spec(sweep: SweepDir, spec: RunSpec, *, stop_flag: Any = None, log: Log 
     finally:
         if backend is not None:
             backend.shutdown()
+        settle()  # full collections resume even where the run failed before its parts were built
     if is_root:
         return recorder.read() or RunState(status="failed", message="state.json unreadable after the run")
     return RunState(status=result.status, message=result.message, index=spec.index, run_id=spec.run_id)
@@ -312,6 +314,7 @@ def _fit(parts: Parts, recorder: RunRecorder, stop_flag: Any, log: Log, overfit_
                       run_dir=recorder.run_dir, test_loader=parts.test_loader, stop_flag=stop_flag,
                       log=log if root else _quiet, model_meta=parts.model_meta, on_progress=on_progress,
                       on_epoch_end=on_epoch_end)
+    settle()  # the heavy imports are done (the optimizer loads the last of them): see gcpolicy.py
     try:
         if check is None:
             return trainer.fit()

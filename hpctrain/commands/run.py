@@ -64,6 +64,9 @@ def check_element_scale(spec, world_size: int, source: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..gcpolicy import defer_full_collections
+
+    defer_full_collections()  # until the runner has built the run's parts (gcpolicy.py)
     from ..dist import discover
     from ..dist.backends import CollectiveError
     from ..launch.element import run_element

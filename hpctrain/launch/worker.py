@@ -23,6 +23,9 @@ class Worker:
     max_requeues: int = 3
 
     def __call__(self, index: int) -> dict:
+        from ..gcpolicy import defer_full_collections
+
+        defer_full_collections()  # until the runner has built the run's parts (gcpolicy.py)
         from ..runner import load_prepared_sweep, pick
         from .element import run_element
 

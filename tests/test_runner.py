@@ -95,6 +95,14 @@ def test_overfit_check_over_two_ranks_trains_their_parts_of_the_same_batches(tmp
     assert not (run / "metrics.csv").exists()
 
 
+def test_an_overfit_check_of_no_batches_is_refused_before_anything_is_written(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = hpctrain("run", str(small_config(tmp_path)), "--overfit-batches", "0", "--sweep-dir", str(sweep))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--overfit-batches: 0; expected a number of batches >= 1" in out.stderr
+    assert not sweep.exists()
+
+
 def test_missing_dataset_is_refused_with_the_folder_named_before_anything_is_written(tmp_path):
     cfg = small_config(tmp_path)
     cfg.write_text(cfg.read_text().replace("  synth: {rows: 2000, features: 6, shards: 3}\n", ""))

@@ -73,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
     from ..runner import check_data, pick, prepare_sweep
     from ..sweep import SweepDir
 
+    if args.overfit_batches is not None and args.overfit_batches < 1:
+        raise HpctrainError(f"--overfit-batches: {args.overfit_batches}; expected a number of batches >= 1")
     env = discover()
     is_root = env.rank == 0
     overrides = list(args.overrides) + quick_check_overrides(args)
